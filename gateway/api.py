@@ -1,0 +1,226 @@
+"""Thin HTTP handlers: parse, call one service, pick JSON or SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from gateway import sse
+from gateway.chunks import ResponseBuilder
+from gateway.errors import GatewayError, PayloadTooLarge, UpstreamError, internal_error
+from gateway.metrics import UNKNOWN_ROUTE
+from gateway.protocol import Endpoint, parse_json_body, validate_request
+from gateway.services import Services
+from gateway.serving import Generation, RequestContext
+
+log = logging.getLogger("stopgate")
+router = APIRouter()
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+T = TypeVar("T")
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def request_id_of(request: Request) -> str:
+    """The client's ``x-request-id`` if it is sane, else a fresh one."""
+    given = request.headers.get("x-request-id", "")
+    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
+    data = bytearray()
+    async for piece in request.stream():
+        data += piece
+        if len(data) > limit:
+            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    return bytes(data)
+
+
+@router.post("/v1/completions")
+async def completions(request: Request) -> Response:
+    return await _generate(request, "completions")
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    return await _generate(request, "chat")
+
+
+async def _generate(request: Request, endpoint: Endpoint) -> Response:
+    services = _services(request)
+    metrics = services.metrics
+    request_id = request_id_of(request)
+    headers = {"x-request-id": request_id}
+    started = time.monotonic()
+    route_name = UNKNOWN_ROUTE
+    metrics.in_flight.inc()
+    try:
+        body = parse_json_body(await read_body(request, services.settings.max_request_bytes))
+        req = validate_request(endpoint, body)
+        route = services.route_for(req.model)
+        route_name = route.name
+        ctx = RequestContext(endpoint, req, route, request_id, max_n=services.settings.max_n)
+        gen = Generation(services.upstream, ctx, vllm=services.settings.upstream_is_vllm)
+        if req.stream:
+            chunks = gen.chunks()
+            first = await _first(chunks)
+            response: Response = StreamingResponse(
+                _sse_body(first, chunks, gen, services, started),
+                media_type="text/event-stream",
+                headers={**headers, "cache-control": "no-cache"},
+            )
+            return response
+        result = await _with_cancellation(request, _collect(gen, endpoint))
+        if result is None:
+            return Response(status_code=499)  # client gone; nobody reads this
+        _record(services, gen, 200, started)
+        return JSONResponse(result, headers=headers)
+    except GatewayError as exc:
+        if isinstance(exc, UpstreamError):
+            metrics.upstream_errors.labels(exc.kind).inc()
+        metrics.requests.labels(route_name, "error", str(exc.status_code)).inc()
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+    finally:
+        metrics.in_flight.dec()
+
+
+async def _first(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
+    """Wait for the first chunk, so an engine refusal still gets a real HTTP status."""
+    try:
+        return await chunks.__anext__()
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()  # type: ignore[attr-defined]
+        raise
+
+
+async def _collect(gen: Generation, endpoint: Endpoint) -> dict[str, Any]:
+    builder = ResponseBuilder(endpoint)
+    async for chunk in gen.chunks():
+        builder.add(chunk)
+    return builder.build()
+
+
+async def _sse_body(
+    first: dict[str, Any],
+    chunks: AsyncIterator[dict[str, Any]],
+    gen: Generation,
+    services: Services,
+    started: float,
+) -> AsyncIterator[bytes]:
+    code = 200
+    try:
+        yield sse.encode(first)
+        async for chunk in chunks:
+            yield sse.encode(chunk)
+    except GatewayError as exc:
+        code = exc.status_code
+        if isinstance(exc, UpstreamError):
+            services.metrics.upstream_errors.labels(exc.kind).inc()
+        yield sse.encode(exc.to_dict())
+    except Exception:
+        code = 500
+        log.exception("error while streaming request %s", gen.ctx.request_id)
+        yield sse.encode(internal_error().to_dict())
+    finally:
+        # A client that leaves cancels us here: close the upstream (the engine
+        # aborts) even though the surrounding scope is cancelled.
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()  # type: ignore[attr-defined]
+            _record(services, gen, code, started)
+    yield sse.DONE_EVENT
+
+
+def _record(services: Services, gen: Generation, code: int, started: float) -> None:
+    m = services.metrics
+    acc = gen.accounting
+    route = gen.ctx.route.name
+    m.requests.labels(route, acc.stop_reason or "finished", str(code)).inc()
+    m.tokens.labels(route, "prompt").inc(acc.prompt_tokens)
+    m.tokens.labels(route, "completion").inc(acc.completion_tokens)
+    m.request_duration.labels(route).observe(time.monotonic() - started)
+    if acc.first_token_at is not None:
+        m.ttft.labels(route).observe(acc.first_token_at - started)
+
+
+async def _with_cancellation(request: Request, work: Awaitable[T]) -> T | None:
+    """Race the work against the client leaving; cancel the work if it does (as vLLM does)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with anyio.CancelScope(shield=True):
+        try:
+            await task
+        except (asyncio.CancelledError, GatewayError):
+            pass
+    return None
+
+
+async def _disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    services = _services(request)
+    created = int(time.time())
+    data = [
+        {"id": name, "object": "model", "created": created, "owned_by": "stopgate", "root": route.upstream_model}
+        for route in services.routes.routes
+        for name in route.names
+    ]
+    return {"object": "list", "data": data}
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process serves HTTP. Says nothing about the engine."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: the engine answers and serves every route's model."""
+    services = _services(request)
+    try:
+        listing = await services.upstream.get_json("/v1/models", timeout_s=3.0)
+    except GatewayError as exc:
+        return JSONResponse({"status": "unavailable", "reason": exc.message}, status_code=503)
+    served = (
+        {m.get("id") for m in listing.get("data", []) if isinstance(m, dict)} if isinstance(listing, dict) else set()
+    )
+    missing = sorted({r.upstream_model for r in services.routes.routes} - served)
+    if missing:
+        return JSONResponse({"status": "unavailable", "reason": f"engine does not serve {missing}"}, status_code=503)
+    return JSONResponse({"status": "ready"})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(_services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,82 @@
+"""The application factory. The lifespan owns the resources; nothing runs at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.api import router
+from gateway.errors import GatewayError, InvalidRequest, internal_error
+from gateway.metrics import Metrics
+from gateway.services import Services
+from gateway.settings import ConfigError, Settings
+from gateway.upstream import Upstream
+
+log = logging.getLogger("stopgate")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """Build the gateway. ``transport`` is the seam tests plug a fake engine into."""
+    if settings.upstream_url is None:
+        raise ConfigError("upstream_url: create_app needs an upstream; `stopgate serve` starts the embedded engine")
+    routes = settings.load_routes()
+    metrics = Metrics(registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        assert settings.upstream_url is not None
+        upstream = Upstream(
+            settings.upstream_url,
+            connect_timeout_s=settings.connect_timeout_s,
+            read_timeout_s=settings.read_timeout_s,
+            max_connections=settings.max_upstream_connections,
+            transport=transport,
+        )
+        app.state.services = Services(settings, routes, upstream, metrics)
+        try:
+            yield
+        finally:
+            await upstream.aclose()
+
+    app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan)
+    app.include_router(router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in err["loc"][1:]) or None
+        error = InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param)
+        return JSONResponse(error.to_dict(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        error = GatewayError(str(exc.detail))
+        error.status_code = exc.status_code
+        error.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        return JSONResponse(error.to_dict(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(internal_error().to_dict(), status_code=500)

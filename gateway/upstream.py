@@ -1,0 +1,140 @@
+"""The one way to reach engines: OpenAI-compatible HTTP through httpx.
+
+``Upstream.stream`` owns an upstream response's lifetime: leaving its
+``async with`` block closes the connection, and vLLM aborts the request. That
+is how both a client disconnect and an early stop free the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+
+from gateway.errors import (
+    UpstreamError,
+    UpstreamRejected,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from gateway.sse import DONE, iter_sse_data
+
+_MAX_ERROR_BODY = 64 * 1024
+
+
+def translate(exc: httpx.HTTPError) -> UpstreamError:
+    """Map an httpx error onto the gateway's exception tree."""
+    if isinstance(exc, httpx.TimeoutException):
+        return UpstreamTimeout(f"The upstream engine did not respond in time ({type(exc).__name__}).")
+    if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError | httpx.NetworkError):
+        return UpstreamUnavailable(f"The upstream engine is unreachable ({type(exc).__name__}).")
+    return UpstreamError(f"Talking to the upstream engine failed ({type(exc).__name__}).")
+
+
+def _error_message(status: int, raw: bytes) -> tuple[str, str | None]:
+    """The message (and param) of an engine's error body, whatever its shape."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        text = raw.decode("utf-8", "replace").strip()[:500]
+        return (text or f"HTTP {status}"), None
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            msg = err.get("message") or err.get("detail") or json.dumps(err)[:500]
+            param = err.get("param")
+            return str(msg), param if isinstance(param, str) else None
+        if isinstance(err, str):
+            return err, None
+    return json.dumps(body)[:500], None
+
+
+class Upstream:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout_s: float = 5.0,
+        read_timeout_s: float = 120.0,
+        max_connections: int = 512,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url
+        self.client = httpx.AsyncClient(
+            base_url=base_url,
+            # The read timeout is per gap between bytes, so it must cover the
+            # engine's time to first token under load; httpx's 5 s default won't.
+            timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=connect_timeout_s),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    @asynccontextmanager
+    async def stream(
+        self, path: str, body: dict[str, Any], *, request_id: str
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """POST a streaming request; yield an iterator of its JSON chunks.
+
+        Raises before yielding if the engine refuses the request, so the
+        caller can still answer with a proper HTTP status.
+        """
+        headers = {"X-Request-Id": request_id}
+        try:
+            async with self.client.stream("POST", path, json=body, headers=headers) as response:
+                if response.status_code >= 400:
+                    raw = await _read_bounded(response)
+                    message, param = _error_message(response.status_code, raw)
+                    if response.status_code < 500:
+                        raise UpstreamRejected(response.status_code, message, param=param)
+                    raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
+                yield _chunks(response)
+        except httpx.HTTPError as exc:
+            raise translate(exc) from exc
+
+    async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any:
+        try:
+            response = await self.client.get(path, timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            raise translate(exc) from exc
+        if response.status_code >= 400:
+            message, _ = _error_message(response.status_code, response.content[:_MAX_ERROR_BODY])
+            raise UpstreamError(f"GET {path} failed (HTTP {response.status_code}): {message}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise UpstreamError(f"GET {path} returned invalid JSON.") from exc
+
+
+async def _read_bounded(response: httpx.Response) -> bytes:
+    data = b""
+    async for piece in response.aiter_bytes():
+        data += piece
+        if len(data) >= _MAX_ERROR_BODY:
+            break
+    return data[:_MAX_ERROR_BODY]
+
+
+async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    try:
+        async for data in iter_sse_data(response.aiter_text()):
+            if data == DONE:
+                return
+            try:
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise UpstreamError("The upstream engine sent a malformed stream chunk.") from exc
+            if not isinstance(chunk, dict):
+                raise UpstreamError("The upstream engine sent a malformed stream chunk.")
+            if "error" in chunk:
+                message, _ = _error_message(500, data.encode())
+                raise UpstreamError(f"The upstream engine failed mid-stream: {message}")
+            yield chunk
+    except httpx.HTTPError as exc:
+        raise translate(exc) from exc
+    raise UpstreamError("The upstream stream ended without [DONE].")

@@ -1,0 +1,190 @@
+"""A scripted OpenAI-compatible engine: a small raw-ASGI app that speaks vLLM's SSE.
+
+Used by the unit tests (as a real HTTP peer, so timeouts and disconnects are
+real) and by the overhead benchmark (it answers in microseconds). Behaviour
+comes from a ``Script``: the text pieces to stream, per-chunk delay, a stall
+before the first byte, an HTTP error status, or a failure mid-stream. Run it
+alone with ``python -m loadtest.fake_engine --port 9000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+@dataclass
+class Script:
+    pieces: list[str] = field(default_factory=lambda: ["<think>", "\n", "1", "+", "2", "=", "3", "\n", "</think>", "\n#### 3"])
+    delay_s: float = 0.0
+    stall_s: float = 0.0  # before the response starts
+    status: int = 200
+    error_message: str = "scripted error"
+    fail_after: int | None = None  # drop the connection after this many chunks
+    error_event_after: int | None = None  # send an SSE error event after this many chunks
+    finish_reason: str = "stop"
+    prompt_tokens: int = 7
+
+
+@dataclass
+class Stats:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    active: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    chunks_sent: int = 0
+
+
+class FakeEngine:
+    def __init__(self, model: str = "tinyreason", default: Script | None = None) -> None:
+        self.model = model
+        self.default = default or Script()
+        self.queue: deque[Script] = deque()
+        self.stats = Stats()
+        self.record = True
+
+    def push(self, *scripts: Script) -> None:
+        """Scripts for the next requests, in order; then the default again."""
+        self.queue.extend(scripts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        path = scope["path"]
+        if scope["method"] == "GET" and path in ("/v1/models", "/health"):
+            await _json(send, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
+            return
+        if scope["method"] != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
+            await _json(send, 404, {"error": {"message": f"no route {path}", "type": "NotFound"}})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        request = json.loads(body)
+        if self.record:
+            self.stats.requests.append(request)
+            self.stats.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        script = self.queue.popleft() if self.queue else self.default
+        await self._respond(script, request, path == "/v1/chat/completions", receive, send)
+
+    async def _respond(self, script: Script, request: dict[str, Any], chat: bool, receive: Receive, send: Send) -> None:
+        if script.stall_s:
+            await asyncio.sleep(script.stall_s)
+        if script.status != 200:
+            await _json(send, script.status, {"object": "error", "message": script.error_message, "type": "BadRequestError", "param": None, "code": script.status})
+            return
+        if not request.get("stream"):
+            await _json(send, 400, {"error": {"message": "the fake engine only streams"}})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        options = request.get("stream_options") or {}
+        continuous = bool(options.get("continuous_usage_stats"))
+        self.stats.active += 1
+        # Like vLLM: watch for the client leaving and abort the generation.
+        streaming = asyncio.ensure_future(self._stream(script, request, chat, continuous, options, send))
+        gone = asyncio.ensure_future(_wait_disconnect(receive))
+        try:
+            await asyncio.wait({streaming, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if streaming.done():
+                streaming.result()
+                self.stats.completed += 1
+            else:
+                streaming.cancel()
+                self.stats.cancelled += 1
+        except OSError:
+            self.stats.cancelled += 1
+            raise
+        finally:
+            gone.cancel()
+            self.stats.active -= 1
+
+    async def _stream(self, script: Script, request: dict[str, Any], chat: bool, continuous: bool, options: dict[str, Any], send: Send) -> None:
+        rid = "cmpl-fake"
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        limit = int(request.get("max_tokens") or 1 << 30)
+        pieces = script.pieces[:limit]
+        finish = script.finish_reason if len(script.pieces) <= limit else "length"
+
+        async def emit(payload: dict[str, Any] | str) -> None:
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+            self.stats.chunks_sent += 1
+
+        if chat:
+            await emit({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+        for i, piece in enumerate(pieces):
+            if script.fail_after is not None and i == script.fail_after:
+                raise OSError("scripted connection drop")
+            if script.error_event_after is not None and i == script.error_event_after:
+                await emit({"error": {"message": script.error_message, "type": "InternalServerError", "code": 500}})
+                await emit("[DONE]")
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+            last = i == len(pieces) - 1
+            choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish if last else None}
+            if chat:
+                choice["delta"] = {"content": piece}
+            else:
+                choice["text"] = piece
+            chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]}
+            if continuous:
+                chunk["usage"] = {"prompt_tokens": script.prompt_tokens, "completion_tokens": i + 1, "total_tokens": script.prompt_tokens + i + 1}
+            await emit(chunk)
+            if script.delay_s:
+                await asyncio.sleep(script.delay_s)
+        if options.get("include_usage"):
+            n = len(pieces)
+            await emit({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [], "usage": {"prompt_tokens": script.prompt_tokens, "completion_tokens": n, "total_tokens": script.prompt_tokens + n}})
+        await emit("[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
+    body = json.dumps(payload).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def main() -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description="Run the scripted fake engine.")
+    ap.add_argument("--port", type=int, default=9000)
+    ap.add_argument("--tokens", type=int, default=10, help="pieces per response")
+    args = ap.parse_args()
+    engine = FakeEngine(default=Script(pieces=["x"] * args.tokens))
+    engine.record = False
+    uvicorn.run(engine, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

