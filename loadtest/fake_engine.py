@@ -26,7 +26,9 @@ Send = Callable[[Message], Awaitable[None]]
 
 @dataclass
 class Script:
-    pieces: list[str] = field(default_factory=lambda: ["<think>", "\n", "1", "+", "2", "=", "3", "\n", "</think>", "\n#### 3"])
+    pieces: list[str] = field(
+        default_factory=lambda: ["<think>", "\n", "1", "+", "2", "=", "3", "\n", "</think>", "\n#### 3"]
+    )
     delay_s: float = 0.0
     stall_s: float = 0.0  # before the response starts
     status: int = 200
@@ -94,7 +96,17 @@ class FakeEngine:
         if script.stall_s:
             await asyncio.sleep(script.stall_s)
         if script.status != 200:
-            await _json(send, script.status, {"object": "error", "message": script.error_message, "type": "BadRequestError", "param": None, "code": script.status})
+            await _json(
+                send,
+                script.status,
+                {
+                    "object": "error",
+                    "message": script.error_message,
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": script.status,
+                },
+            )
             return
         if not request.get("stream"):
             await _json(send, 400, {"error": {"message": "the fake engine only streams"}})
@@ -121,7 +133,9 @@ class FakeEngine:
             gone.cancel()
             self.stats.active -= 1
 
-    async def _stream(self, script: Script, request: dict[str, Any], chat: bool, continuous: bool, options: dict[str, Any], send: Send) -> None:
+    async def _stream(
+        self, script: Script, request: dict[str, Any], chat: bool, continuous: bool, options: dict[str, Any], send: Send
+    ) -> None:
         rid = "cmpl-fake"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -135,7 +149,22 @@ class FakeEngine:
             self.stats.chunks_sent += 1
 
         if chat:
-            await emit({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]})
+            await emit(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": self.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
         for i, piece in enumerate(pieces):
             if script.fail_after is not None and i == script.fail_after:
                 raise OSError("scripted connection drop")
@@ -150,15 +179,38 @@ class FakeEngine:
                 choice["delta"] = {"content": piece}
             else:
                 choice["text"] = piece
-            chunk: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": self.model, "choices": [choice]}
+            chunk: dict[str, Any] = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": self.model,
+                "choices": [choice],
+            }
             if continuous:
-                chunk["usage"] = {"prompt_tokens": script.prompt_tokens, "completion_tokens": i + 1, "total_tokens": script.prompt_tokens + i + 1}
+                chunk["usage"] = {
+                    "prompt_tokens": script.prompt_tokens,
+                    "completion_tokens": i + 1,
+                    "total_tokens": script.prompt_tokens + i + 1,
+                }
             await emit(chunk)
             if script.delay_s:
                 await asyncio.sleep(script.delay_s)
         if options.get("include_usage"):
             n = len(pieces)
-            await emit({"id": rid, "object": obj, "created": created, "model": self.model, "choices": [], "usage": {"prompt_tokens": script.prompt_tokens, "completion_tokens": n, "total_tokens": script.prompt_tokens + n}})
+            await emit(
+                {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": self.model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": script.prompt_tokens,
+                        "completion_tokens": n,
+                        "total_tokens": script.prompt_tokens + n,
+                    },
+                }
+            )
         await emit("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -170,7 +222,13 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
     body = json.dumps(payload).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

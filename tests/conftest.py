@@ -44,7 +44,9 @@ def gateway_factory() -> GatewayFactory:
 
 
 @pytest.fixture
-def gateway(fake_engine: tuple[FakeEngine, str], gateway_factory: GatewayFactory) -> Iterator[tuple[str, FakeEngine, CollectorRegistry]]:
+def gateway(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: GatewayFactory
+) -> Iterator[tuple[str, FakeEngine, CollectorRegistry]]:
     engine, upstream = fake_engine
     with gateway_factory(upstream) as (url, registry):
         yield url, engine, registry

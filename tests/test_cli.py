@@ -1,0 +1,141 @@
+"""``stopgate serve``: clear start-up errors, and a clean stop with no orphan engine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.engine import free_port
+
+STOPGATE = [sys.executable, "-m", "gateway.cli"]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*STOPGATE, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+
+
+def assert_clean_failure(proc: subprocess.CompletedProcess[str], says: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_port_in_use_is_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = run_cli("serve", "--upstream", "http://127.0.0.1:9", "--port", str(port))
+    assert_clean_failure(proc, f"port {port} on 127.0.0.1 is already in use")
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_cli("serve", "--model-path", str(tmp_path / "nope"), "--port", str(free_port()))
+    assert_clean_failure(proc, "has no config.json")
+
+
+def test_bad_routes_file_names_the_bad_key(tmp_path: Path) -> None:
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("routes:\n  arith:\n    upstream_model: m\n    default_max_tokens: -3\n")
+    proc = run_cli("serve", "--upstream", "http://127.0.0.1:9", "--routes", str(routes))
+    assert_clean_failure(proc, "default_max_tokens")
+
+
+def test_bad_environment_setting_names_the_variable() -> None:
+    proc = run_cli("serve", env={"STOPGATE_READ_TIMEOUT_S": "-1"})
+    assert_clean_failure(proc, "STOPGATE_READ_TIMEOUT_S")
+
+
+def test_bad_upstream_url_is_refused() -> None:
+    proc = run_cli("serve", "--upstream", "localhost:8000")
+    assert_clean_failure(proc, "http://")
+
+
+def _engine_failure_model(tmp_path: Path) -> Path:
+    model = tmp_path / "broken"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "no_such_architecture"}')
+    return model
+
+
+def test_engine_that_fails_to_start_is_a_clear_error(tmp_path: Path) -> None:
+    log = tmp_path / "engine.log"
+    proc = run_cli(
+        "serve", "--model-path", str(_engine_failure_model(tmp_path)), "--engine-log", str(log),
+        "--port", str(free_port()),
+    )  # fmt: skip
+    assert_clean_failure(proc, "the embedded engine did not start")
+    assert log.exists()
+
+
+def _descendants(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,pgid="], capture_output=True, text=True).stdout
+    rows = [tuple(int(x) for x in line.split()) for line in out.splitlines() if line.strip()]
+    found = {pid}
+    changed = True
+    while changed:
+        changed = False
+        for p, pp, _ in rows:
+            if pp in found and p not in found:
+                found.add(p)
+                changed = True
+    return found - {pid}
+
+
+@pytest.mark.engine
+def test_serve_runs_the_embedded_engine_and_sigterm_leaves_no_orphan(tmp_path: Path) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [*STOPGATE, "serve", "--port", str(port), "--engine-log", str(tmp_path / "engine.log")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "gateway not ready in time"
+            time.sleep(1)
+        children = _descendants(proc.pid)
+        assert children, "the engine should be a child process"
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/completions",
+            json={"model": "tinyreason", "prompt": "Q: 2+3=?\n", "temperature": 0},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].endswith("#### 5")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        time.sleep(1)
+        alive = {p for p in children if _alive(p)}
+        assert not alive, f"orphaned engine processes: {alive}"
+        output = proc.stdout.read() if proc.stdout else ""
+        assert "waiting for the engine" in output or "engine ready" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")

