@@ -153,8 +153,10 @@ def _record(services: Services, gen: Generation, code: int, started: float) -> N
     acc = gen.accounting
     route = gen.ctx.route.name
     m.requests.labels(route, acc.stop_reason or "finished", str(code)).inc()
-    m.tokens.labels(route, "prompt").inc(acc.prompt_tokens)
-    m.tokens.labels(route, "completion").inc(acc.completion_tokens)
+    m.tokens.labels(route, "prompt").inc(acc.prompt)
+    m.tokens.labels(route, "completion").inc(acc.main)
+    m.tokens.labels(route, "probe").inc(acc.probe)
+    m.tokens.labels(route, "forced").inc(acc.forced)
     m.request_duration.labels(route).observe(time.monotonic() - started)
     if acc.first_token_at is not None:
         m.ttft.labels(route).observe(acc.first_token_at - started)

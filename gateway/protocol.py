@@ -21,6 +21,19 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool = False
 
 
+class StopgateOptions(BaseModel):
+    """The one request field that overrides the route's stopping settings.
+
+    ``{"stopgate": {"policy": "convergence", "params": {"window": 2}, "budget": 128}}``
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: str | None = None
+    params: dict[str, Any] | None = None
+    budget: StrictInt | None = Field(default=None, ge=1)
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -36,10 +49,11 @@ class _Common(BaseModel):
     n: StrictInt = Field(default=1, ge=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    stopgate: StopgateOptions | None = None
 
     def passthrough(self) -> dict[str, Any]:
-        """The request as sent, minus what the gateway rewrites."""
-        return self.model_dump(exclude_unset=True, exclude={"model", "stream", "stream_options"})
+        """The request as sent, minus what the gateway rewrites or owns."""
+        return self.model_dump(exclude_unset=True, exclude={"model", "stream", "stream_options", "stopgate"})
 
 
 class CompletionRequest(_Common):

@@ -1,30 +1,46 @@
-"""One request's generation: upstream stream in, OpenAI chunks out.
+"""One request's generation: the upstream stream, the policy, the probes, the stop, the forced answer.
 
 ``Generation.chunks()`` is the single path for streaming and non-streaming
-clients alike. It owns the upstream stream; ending it early (``watcher``
-returns a reason) leaves the ``async with`` block, which closes the
-connection so that the engine aborts the request. Every response ends with a
+clients. It owns the upstream stream: a stop decision leaves the
+``async with`` block, which closes the connection so the engine aborts the
+request. If the stop came during the reasoning, the gateway then closes the
+reasoning itself (the route's ``answer_suffix``, e.g. ``</think>\\n####``)
+and streams the model's short forced answer. Every response ends with a
 chunk that carries ``finish_reason``, ``usage`` and the ``stopgate``
-extension, whether the client asked for usage or not.
+extension (stop reason, budget, policy, tokens by kind), whether the client
+asked for usage or not.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from gateway.chunks import ChoiceDelta, ChunkParser
-from gateway.errors import LimitExceeded
+from gateway.continuation import continuation_body, text_prompt, token_logprobs
+from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
+from gateway.evaluation import get_extractor, get_normalizer
+from gateway.probes import Probes
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
 from gateway.upstream import Upstream
+from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
+from policies.compose import Bounded
+from policies.registry import build_policy
+from policies.static import StaticPolicy
 
 PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+PASSTHROUGH = "none"
 
-# Returns a stop reason to end the upstream stream early, or None to go on.
-Watcher = Callable[[ChoiceDelta], str | None]
+
+class PolicyFailed(GatewayError):
+    """A policy raised at run time: the request ends with this error, the gateway goes on."""
+
+    error_type = "policy_error"
+    code = "policy_error"
 
 
 @dataclass(frozen=True)
@@ -34,17 +50,32 @@ class RequestContext:
     route: RouteConfig
     request_id: str
     max_n: int = 8
+    max_probes: int | None = None  # the gateway-wide cap, if tighter than the route's
 
 
-@dataclass
-class Accounting:
-    """Net tokens of one request, by kind."""
+@dataclass(frozen=True)
+class StopSpec:
+    """The stopping settings one request runs with: route defaults, then the request's override."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    first_token_at: float | None = None
-    stop_reason: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    policy: str
+    params: dict[str, Any]
+    budget: int
+
+
+def resolve_stop_spec(ctx: RequestContext) -> StopSpec:
+    route = ctx.route
+    override = ctx.request.stopgate
+    policy = route.policy.name
+    params = dict(route.policy.params)
+    budget = route.budget
+    if override is not None:
+        if override.policy is not None and override.policy != policy:
+            policy, params = override.policy, {}
+        if override.params is not None:
+            params = {**params, **override.params}
+        if override.budget is not None:
+            budget = override.budget
+    return StopSpec(policy, params, budget)
 
 
 def max_tokens_for(ctx: RequestContext) -> int:
@@ -76,87 +107,328 @@ def upstream_body(ctx: RequestContext, *, vllm: bool) -> dict[str, Any]:
     return body
 
 
+def build_request_policy(ctx: RequestContext, spec: StopSpec) -> StopPolicy | None:
+    """The request's policy, or None for a plain pass-through. Bad settings are a 400."""
+    if spec.policy == "ensemble":
+        raise InvalidRequest("policy 'ensemble' is served by the ensemble path", param="stopgate.policy")
+    try:
+        policy = build_policy(spec.policy, spec.params, budget=spec.budget)
+    except PolicyError as exc:
+        raise InvalidRequest(f"Invalid stopping settings: {exc}", param="stopgate") from exc
+    if ctx.request.n > 1:
+        if spec.policy not in (PASSTHROUGH, "static"):
+            raise InvalidRequest(
+                f"policy '{spec.policy}' stops one sequence at a time; with n > 1 use stopgate.policy 'none' "
+                "or 'ensemble'.",
+                param="n",
+            )
+        return None
+    if isinstance(ctx.request, CompletionRequest):
+        text_prompt(ctx.request)  # a 400 now if the prompt cannot be continued
+    return policy
+
+
+@dataclass
+class Accounting:
+    """Net tokens of one request, by kind (DESIGN decision 4)."""
+
+    prompt: int = 0
+    thinking: int = 0
+    answer: int = 0
+    forced_prompt: int = 0
+    forced: int = 0
+    probe_prompt: int = 0
+    probe: int = 0
+    first_token_at: float | None = None
+    stop_reason: str | None = None
+
+    @property
+    def main(self) -> int:
+        return self.thinking + self.answer
+
+    @property
+    def completion(self) -> int:
+        """What the client sees generated: the main stream and the forced answer."""
+        return self.main + self.forced
+
+    @property
+    def net(self) -> int:
+        """Everything the engine generated for this request."""
+        return self.main + self.forced + self.probe
+
+
 class Generation:
-    def __init__(
-        self,
-        upstream: Upstream,
-        ctx: RequestContext,
-        *,
-        vllm: bool = True,
-        watcher: Watcher | None = None,
-    ) -> None:
+    def __init__(self, upstream: Upstream, ctx: RequestContext, *, vllm: bool = True) -> None:
         self.upstream = upstream
         self.ctx = ctx
         self.vllm = vllm
-        self.watcher = watcher
+        self.spec = resolve_stop_spec(ctx)
+        self.policy = build_request_policy(ctx, self.spec)
         self.accounting = Accounting()
         self._body = upstream_body(ctx, vllm=vllm)  # validates before any I/O
+        if isinstance(self.policy, Bounded) and isinstance(self.policy.inner, StaticPolicy):
+            self._body.update(self.policy.inner.engine_params)
         self._parser = ChunkParser(ctx.endpoint)
         self._meta: dict[str, Any] = {}
+        self._phase = "thinking"
+        self._thinking_text = ""
+        self._answer_text = ""
+        self._generated: list[str] = []
+        self._stop_event = asyncio.Event()
+        self._policy_error: PolicyFailed | None = None
+        self._finished = False  # the engine ended the stream itself
+        self.probes: Probes | None = None
+        if self.policy is not None:
+            route = ctx.route
+            self.probes = Probes(
+                upstream,
+                endpoint=ctx.endpoint,
+                request=ctx.request,
+                route=route,
+                request_id=ctx.request_id,
+                extractor=get_extractor(route.extractor, route.extractor_pattern),
+                normalizer=get_normalizer(route.normalizer),
+                logprobs=self.policy.wants_logprobs,
+                on_result=self._on_probe,
+                max_probes=ctx.max_probes,
+            )
+
+    # -- the policy side --------------------------------------------------
+
+    def _decide(self, decision: Decision) -> None:
+        if decision.action is Action.STOP and self.accounting.stop_reason is None:
+            self.accounting.stop_reason = decision.reason or "policy"
+            self._stop_event.set()
+        elif decision.action is Action.PROBE and self.probes is not None and self.accounting.stop_reason is None:
+            self.probes.launch(self.accounting.thinking, "".join(self._generated))
+
+    def _fail(self, exc: Exception) -> None:
+        name = self.policy.name if self.policy else "?"
+        self._policy_error = PolicyFailed(f"The stop policy '{name}' failed: {type(exc).__name__}: {exc}")
+        self._stop_event.set()
+
+    def _on_probe(self, result: ProbeResult) -> None:
+        # A probe that returns after the reasoning ended has nothing left to cut.
+        if self.policy is None or self._phase != "thinking" or self._finished:
+            return
+        try:
+            self._decide(self.policy.on_probe(result))
+        except Exception as exc:  # a policy bug ends this request only
+            self._fail(exc)
+
+    def _observe(self, delta: ChoiceDelta) -> None:
+        acc = self.accounting
+        text = delta.text
+        self._generated.append(text)
+        if self._phase == "thinking":
+            close = self.ctx.route.think_close
+            combined = self._thinking_text + text
+            at = combined.find(close, max(0, len(self._thinking_text) - len(close) + 1)) if close else -1
+            acc.thinking += delta.tokens
+            if at >= 0:
+                self._phase = "answer"
+                self._thinking_text = combined[:at]
+                self._answer_text = combined[at + len(close) :]
+            else:
+                self._thinking_text = combined
+        else:
+            acc.answer += delta.tokens
+            self._answer_text += text
+        if self.policy is None:
+            return
+        phase_text = self._thinking_text if self._phase == "thinking" else self._answer_text
+        lps = token_logprobs(delta.logprobs)
+        event = TokenEvent(
+            self._phase,  # type: ignore[arg-type]
+            text,
+            delta.tokens,
+            acc.thinking,
+            phase_text,
+            tuple(lps) if lps else None,
+        )
+        try:
+            self._decide(self.policy.on_tokens(event))
+        except Exception as exc:
+            self._fail(exc)
+
+    # -- the stream side --------------------------------------------------
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         acc = self.accounting
         usage: dict[str, Any] | None = None
         held: dict[str, Any] | None = None
-        async with self.upstream.stream(PATHS[self.ctx.endpoint], self._body, request_id=self.ctx.request_id) as stream:
-            async for chunk in stream:
-                self._remember_meta(chunk)
-                if isinstance(chunk.get("usage"), dict):
-                    usage = chunk["usage"]
-                    acc.prompt_tokens = int(usage.get("prompt_tokens") or acc.prompt_tokens)
-                if not chunk.get("choices"):
-                    continue  # the usage-only chunk; usage rides on our final chunk
-                stop = None
-                for delta in self._parser.parse(chunk):
-                    acc.completion_tokens += delta.tokens
-                    if acc.first_token_at is None and delta.text:
-                        acc.first_token_at = time.monotonic()
-                    if self.watcher is not None and stop is None:
-                        stop = self.watcher(delta)
-                out = self._client_chunk(chunk)
-                if held is not None:
-                    yield held
-                    held = None
-                if stop is not None:
-                    acc.stop_reason = stop
-                    for choice in out["choices"]:
-                        choice["finish_reason"] = "stop"
-                    held = out
-                    break  # leaving the block closes the upstream stream
-                if any(c.get("finish_reason") for c in out["choices"]):
-                    held = out
-                else:
-                    yield out
-        final = held if held is not None else self._empty_chunk()
+        try:
+            async with self.upstream.stream(
+                PATHS[self.ctx.endpoint], self._body, request_id=self.ctx.request_id
+            ) as stream:
+                async for chunk in self._until_stopped(stream):
+                    self._remember_meta(chunk)
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
+                        acc.prompt = int(usage.get("prompt_tokens") or acc.prompt)
+                    if not chunk.get("choices"):
+                        continue  # the usage-only chunk; usage rides on our final chunk
+                    for delta in self._parser.parse(chunk):
+                        if acc.first_token_at is None and delta.text:
+                            acc.first_token_at = time.monotonic()
+                        if self.ctx.request.n == 1 or self.policy is not None:
+                            self._observe(delta)
+                        else:
+                            acc.thinking += delta.tokens
+                    out = self._client_chunk(chunk)
+                    self._finished = self._finished or any(c.get("finish_reason") for c in out["choices"])
+                    if held is not None:
+                        yield held
+                        held = None
+                    if self._stop_event.is_set():
+                        held = out
+                        break  # leaving the block closes the upstream stream: the engine aborts
+                    if any(c.get("finish_reason") for c in out["choices"]):
+                        held = out
+                    else:
+                        yield out
+        finally:
+            if self.probes is not None:
+                await self.probes.aclose()
+        if self._policy_error is not None:
+            raise self._policy_error
+        if acc.stop_reason is not None:
+            if held is not None:
+                for choice in held["choices"]:
+                    choice["finish_reason"] = None
+                yield held
+            held = None
+            if self._phase == "thinking":
+                async for out in self._forced_answer():
+                    if any(c.get("finish_reason") for c in out["choices"]):
+                        held = out
+                    else:
+                        yield out
+        final = held if held is not None else self._text_chunk("", finish_reason="stop")
         final["usage"] = self._final_usage(usage)
         final["stopgate"] = self.extension()
         yield final
         req = self.ctx.request
         if req.stream_options is not None and req.stream_options.include_usage:
-            usage_chunk = self._empty_chunk()
+            usage_chunk = self._text_chunk("")
             usage_chunk["choices"] = []
             usage_chunk["usage"] = final["usage"]
             yield usage_chunk
 
+    async def _until_stopped(self, stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+        """The upstream chunks, ending early if a probe result says stop.
+
+        While no probe is running only the stream can say stop, so it is read
+        directly; with probes in flight, each read races the stop event.
+        """
+        iterator = stream.__aiter__()
+        pending: asyncio.Future[dict[str, Any]] | None = None
+        try:
+            while not self._stop_event.is_set():
+                if self.probes is None or self.probes.inflight == 0:
+                    if pending is None:
+                        try:
+                            yield await iterator.__anext__()
+                        except StopAsyncIteration:
+                            return
+                        continue
+                if pending is None:
+                    pending = asyncio.ensure_future(iterator.__anext__())
+                stop_wait = asyncio.ensure_future(self._stop_event.wait())
+                try:
+                    waiters: set[asyncio.Future[Any]] = {pending, stop_wait}
+                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stop_wait.cancel()
+                if not pending.done():
+                    if self._stop_event.is_set():
+                        return
+                    continue
+                future, pending = pending, None
+                try:
+                    chunk = future.result()
+                except StopAsyncIteration:
+                    return
+                yield chunk
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()
+                try:
+                    await pending
+                except (asyncio.CancelledError, StopAsyncIteration, GatewayError):
+                    pass
+
+    async def _forced_answer(self) -> AsyncIterator[dict[str, Any]]:
+        """Close the reasoning and let the model write its answer (a short continuation)."""
+        route = self.ctx.route
+        suffix = route.answer_suffix
+        yield self._text_chunk(suffix)
+        body = continuation_body(
+            self.ctx.request,
+            route.upstream_model,
+            "".join(self._generated),
+            suffix,
+            max_tokens=route.forced_max_tokens,
+            greedy=False,
+            logprobs=False,
+        )
+        parser = ChunkParser(self.ctx.endpoint)
+        acc = self.accounting
+        async with self.upstream.stream(
+            PATHS[self.ctx.endpoint], body, request_id=f"{self.ctx.request_id}-forced"
+        ) as stream:
+            async for chunk in stream:
+                usage = chunk.get("usage")
+                if isinstance(usage, dict) and usage.get("prompt_tokens"):
+                    acc.forced_prompt = int(usage["prompt_tokens"])
+                if not chunk.get("choices"):
+                    continue
+                for delta in parser.parse(chunk):
+                    acc.forced += delta.tokens
+                out = self._client_chunk(chunk)
+                out["id"] = self._meta.get("id", out.get("id"))
+                out.pop("usage", None)
+                yield out
+
+    # -- what the client sees -------------------------------------------
+
     def extension(self) -> dict[str, Any]:
         acc = self.accounting
-        finished = acc.stop_reason or "finished"
-        return {
+        ext: dict[str, Any] = {
             "route": self.ctx.route.name,
             "request_id": self.ctx.request_id,
-            "stop_reason": finished,
-            "tokens": {"prompt": acc.prompt_tokens, "completion": acc.completion_tokens},
-            **acc.extra,
+            "policy": self.spec.policy if self.policy is not None else PASSTHROUGH,
+            "stop_reason": acc.stop_reason or "finished",
+            "budget": self.spec.budget if self.policy is not None else None,
+            "tokens": {
+                "prompt": acc.prompt,
+                "thinking": acc.thinking,
+                "answer": acc.answer,
+                "probe_prompt": acc.probe_prompt,
+                "probe": acc.probe,
+                "forced_prompt": acc.forced_prompt,
+                "forced": acc.forced,
+                "net": acc.net,
+            },
         }
+        if self.probes is not None:
+            s = self.probes.stats
+            ext["probes"] = {"launched": s.launched, "completed": s.completed, "cancelled": s.cancelled}
+        return ext
 
     def _final_usage(self, upstream_usage: dict[str, Any] | None) -> dict[str, Any]:
         acc = self.accounting
-        if upstream_usage is not None and self.accounting.stop_reason is None:
-            acc.completion_tokens = int(upstream_usage.get("completion_tokens") or acc.completion_tokens)
+        if self.probes is not None:
+            acc.probe_prompt = self.probes.stats.prompt_tokens
+            acc.probe = self.probes.stats.completion_tokens
+        if upstream_usage is not None and acc.stop_reason is None:
+            # The engine's own count is authoritative when the stream ran to its end.
+            reported = int(upstream_usage.get("completion_tokens") or acc.main)
+            acc.answer += reported - acc.main
         usage = dict(upstream_usage or {})
-        usage["prompt_tokens"] = acc.prompt_tokens
-        usage["completion_tokens"] = acc.completion_tokens
-        usage["total_tokens"] = acc.prompt_tokens + acc.completion_tokens
+        usage["prompt_tokens"] = acc.prompt
+        usage["completion_tokens"] = acc.completion
+        usage["total_tokens"] = acc.prompt + acc.completion
         return usage
 
     def _remember_meta(self, chunk: dict[str, Any]) -> None:
@@ -173,12 +445,18 @@ class Generation:
         out["choices"] = [dict(c) for c in chunk.get("choices") or []]
         return out
 
-    def _empty_chunk(self) -> dict[str, Any]:
-        obj = "text_completion" if self.ctx.endpoint == "completions" else "chat.completion.chunk"
+    def _text_chunk(self, text: str, *, finish_reason: str | None = None) -> dict[str, Any]:
+        """A chunk the gateway writes itself, in the endpoint's format."""
+        chat = self.ctx.endpoint == "chat"
+        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+        if chat:
+            choice["delta"] = {"content": text} if text else {}
+        else:
+            choice["text"] = text
         return {
             "id": self._meta.get("id", f"cmpl-{self.ctx.request_id}"),
-            "object": self._meta.get("object", obj),
+            "object": self._meta.get("object", "chat.completion.chunk" if chat else "text_completion"),
             "created": self._meta.get("created", int(time.time())),
             "model": self.ctx.request.model,
-            "choices": [],
+            "choices": [choice],
         }

@@ -14,6 +14,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gateway.evaluation import get_extractor, get_normalizer
+from policies.base import PolicyError
+from policies.registry import validate
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODEL = REPO_ROOT / "models" / "tinyreason"
 DEFAULT_ROUTES = Path(__file__).resolve().parent / "routes.yaml"
@@ -23,8 +27,21 @@ class ConfigError(Exception):
     """A start-up configuration problem; the message names the bad key."""
 
 
+class PolicyConfig(BaseModel):
+    """A stop policy by registry name, with its parameters (see ``policies/``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = "none"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class RouteConfig(BaseModel):
-    """One named class of traffic, chosen by the request's ``model`` alias."""
+    """One named class of traffic, chosen by the request's ``model`` alias.
+
+    The think delimiters, probe and forced-answer suffixes and the answer
+    extractor are per route: nothing is hard-coded to one model's template.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -34,10 +51,34 @@ class RouteConfig(BaseModel):
     default_max_tokens: int = Field(default=512, ge=1)
     max_tokens_limit: int = Field(default=4096, ge=1)
 
+    # Early stopping.
+    policy: PolicyConfig = PolicyConfig()
+    budget: int = Field(default=256, ge=1, description="thinking tokens before the answer is forced")
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    probe_suffix: str = Field(default="</think>\n####", min_length=1)
+    answer_suffix: str = Field(default="</think>\n####", min_length=1)
+    extractor: str = "gsm8k"
+    extractor_pattern: str | None = None
+    normalizer: str = "number"
+    probe_max_tokens: int = Field(default=8, ge=1, le=256)
+    forced_max_tokens: int = Field(default=16, ge=1, le=1024)
+    max_probes: int = Field(default=16, ge=0, le=256)
+    max_inflight_probes: int = Field(default=2, ge=1, le=16)
+
     @model_validator(mode="after")
-    def _default_within_limit(self) -> RouteConfig:
+    def _check(self) -> RouteConfig:
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be <= max_tokens_limit")
+        try:
+            get_extractor(self.extractor, self.extractor_pattern)
+            get_normalizer(self.normalizer)
+        except ValueError as exc:
+            raise ValueError(f"extractor/normalizer: {exc}") from exc
+        try:
+            validate(self.policy.name, self.policy.params, budget=self.budget)
+        except PolicyError as exc:
+            raise ValueError(f"policy: {exc}") from exc
         return self
 
     @property

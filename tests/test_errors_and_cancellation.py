@@ -11,7 +11,6 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.chunks import ChoiceDelta
 from gateway.protocol import CompletionRequest
 from gateway.serving import Generation, RequestContext
 from gateway.settings import RouteConfig
@@ -201,21 +200,17 @@ def test_client_disconnect_during_non_streaming_request_closes_the_upstream_requ
 
 
 def test_gateway_can_end_the_upstream_stream_itself(fake_engine: tuple[FakeEngine, str]) -> None:
-    """The hook early stopping uses: a watcher's stop reason closes the engine stream."""
+    """The hook early stopping uses: a stop decision closes the engine stream mid-generation."""
     engine, upstream_url = fake_engine
-    engine.push(Script(pieces=["a"] * 300, delay_s=0.005))
+    engine.push(Script(pieces=["a"] * 300, delay_s=0.005), Script(pieces=[" 7"]))
     route = RouteConfig(name="arith", upstream_model="tinyreason")
-    ctx = RequestContext("completions", CompletionRequest(model="arith", prompt="x"), route, "rid-1")
-    seen: list[ChoiceDelta] = []
-
-    def watcher(delta: ChoiceDelta) -> str | None:
-        seen.append(delta)
-        return "budget" if len(seen) == 5 else None
+    request = CompletionRequest(model="arith", prompt="x", stopgate={"budget": 5})
+    ctx = RequestContext("completions", request, route, "rid-1")
 
     async def run() -> list[dict[str, Any]]:
         upstream = Upstream(upstream_url)
         try:
-            return [c async for c in Generation(upstream, ctx, watcher=watcher).chunks()]
+            return [c async for c in Generation(upstream, ctx).chunks()]
         finally:
             await upstream.aclose()
 
@@ -223,6 +218,6 @@ def test_gateway_can_end_the_upstream_stream_itself(fake_engine: tuple[FakeEngin
     final = chunks[-1]
     assert final["choices"][0]["finish_reason"] == "stop"
     assert final["stopgate"]["stop_reason"] == "budget"
-    assert final["usage"]["completion_tokens"] == 5
+    assert final["stopgate"]["tokens"]["thinking"] == 5
     assert wait_until(lambda: engine.stats.cancelled == 1 and engine.stats.active == 0)
     assert json.dumps(final)  # serialisable as an SSE event

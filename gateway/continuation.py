@@ -1,0 +1,80 @@
+"""Side requests that continue the main generation: probes and forced answers.
+
+They respect the prompt format of the request they continue:
+
+* ``/v1/completions``: the raw prompt, plus the text generated so far, plus a
+  suffix from the route config;
+* ``/v1/chat/completions``: the same messages, plus a partial assistant
+  message holding the generated text and the suffix, continued in place
+  (vLLM's ``continue_final_message`` with ``add_generation_prompt`` off).
+
+Nothing here knows a model's template: delimiters and suffixes are route
+settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import InvalidRequest
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
+
+# Sampling fields a continuation inherits from the client's request.
+_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty")
+
+
+def text_prompt(request: CompletionRequest) -> str:
+    """The single text prompt that continuations extend; others can't be continued."""
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    raise InvalidRequest(
+        "Early stopping needs a single text prompt; use stopgate.policy 'none' for token or batch prompts.",
+        param="prompt",
+    )
+
+
+def continuation_body(
+    request: CompletionRequest | ChatCompletionRequest,
+    upstream_model: str,
+    generated: str,
+    suffix: str,
+    *,
+    max_tokens: int,
+    greedy: bool,
+    logprobs: bool,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": upstream_model, "max_tokens": max_tokens, "n": 1, "stream": True}
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    client = request.model_dump(exclude_unset=True)
+    if greedy:
+        body["temperature"] = 0.0
+    else:
+        body.update({k: client[k] for k in _SAMPLING if k in client})
+    if isinstance(request, CompletionRequest):
+        body["prompt"] = text_prompt(request) + generated + suffix
+        if logprobs:
+            body["logprobs"] = 1
+    else:
+        messages = [m.model_dump(exclude_unset=True) for m in request.messages]
+        messages.append({"role": "assistant", "content": generated + suffix})
+        body["messages"] = messages
+        body["add_generation_prompt"] = False
+        body["continue_final_message"] = True
+        if logprobs:
+            body["logprobs"] = True
+    return body
+
+
+def token_logprobs(logprobs: Any) -> list[float]:
+    """The sampled tokens' log probabilities from a chunk's ``logprobs``, either API shape."""
+    if not isinstance(logprobs, dict):
+        return []
+    if isinstance(logprobs.get("content"), list):
+        return [float(t["logprob"]) for t in logprobs["content"] if isinstance(t, dict) and "logprob" in t]
+    values = logprobs.get("token_logprobs")
+    if isinstance(values, list):
+        return [float(v) for v in values if v is not None]
+    return []

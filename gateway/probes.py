@@ -1,0 +1,157 @@
+"""Answer probes that run beside the main stream, never pausing it.
+
+``Probes.launch`` starts a side generation on the current prefix and returns
+at once. Results reach the policy through ``on_result`` as they arrive. At
+most ``max_inflight`` probes run at a time: launching another cancels the
+oldest, which is stale by then. At most ``max_probes`` run per request.
+``aclose`` cancels whatever is still running; the engine aborts each one as
+its connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+
+from gateway.chunks import ChunkParser
+from gateway.continuation import continuation_body, token_logprobs
+from gateway.errors import GatewayError
+from gateway.evaluation import Extractor, Normalizer
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from gateway.settings import RouteConfig
+from gateway.upstream import Upstream
+from policies.base import ProbeResult
+
+log = logging.getLogger("stopgate.probes")
+
+
+@dataclass
+class ProbeStats:
+    launched: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    seconds: float = 0.0
+
+
+class Probes:
+    def __init__(
+        self,
+        upstream: Upstream,
+        *,
+        endpoint: Endpoint,
+        request: CompletionRequest | ChatCompletionRequest,
+        route: RouteConfig,
+        request_id: str,
+        extractor: Extractor,
+        normalizer: Normalizer,
+        logprobs: bool,
+        on_result: Callable[[ProbeResult], None],
+        on_duration: Callable[[float], None] | None = None,
+        max_probes: int | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.endpoint = endpoint
+        self.request = request
+        self.route = route
+        self.request_id = request_id
+        self.extractor = extractor
+        self.normalizer = normalizer
+        self.logprobs = logprobs
+        self.on_result = on_result
+        self.on_duration = on_duration
+        self.max_probes = route.max_probes if max_probes is None else min(max_probes, route.max_probes)
+        self.stats = ProbeStats()
+        self._inflight: list[asyncio.Task[None]] = []
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def launch(self, at_tokens: int, generated: str) -> bool:
+        """Start a probe on ``generated``; False if the per-request bound is reached."""
+        if self.stats.launched >= self.max_probes:
+            return False
+        while len(self._inflight) >= self.route.max_inflight_probes:
+            self._inflight.pop(0).cancel()  # the oldest is stale now
+            self.stats.cancelled += 1
+        self.stats.launched += 1
+        task = asyncio.ensure_future(self._run(self.stats.launched, at_tokens, generated))
+        self._inflight.append(task)
+        task.add_done_callback(self._forget)
+        return True
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        if task in self._inflight:
+            self._inflight.remove(task)
+
+    async def _run(self, number: int, at_tokens: int, generated: str) -> None:
+        body = continuation_body(
+            self.request,
+            self.route.upstream_model,
+            generated,
+            self.route.probe_suffix,
+            max_tokens=self.route.probe_max_tokens,
+            greedy=True,
+            logprobs=self.logprobs,
+        )
+        parser = ChunkParser(self.endpoint)
+        pieces: list[str] = []
+        lps: list[float] = []
+        started = time.monotonic()
+        counted_prompt = False
+        try:
+            async with self.upstream.stream(
+                _path(self.endpoint), body, request_id=f"{self.request_id}-probe{number}"
+            ) as stream:
+                async for chunk in stream:
+                    usage = chunk.get("usage")
+                    if isinstance(usage, dict) and not counted_prompt and usage.get("prompt_tokens"):
+                        self.stats.prompt_tokens += int(usage["prompt_tokens"])
+                        counted_prompt = True
+                    if not chunk.get("choices"):
+                        continue
+                    for delta in parser.parse(chunk):
+                        pieces.append(delta.text)
+                        self.stats.completion_tokens += delta.tokens
+                        lps.extend(token_logprobs(delta.logprobs))
+        except GatewayError as exc:
+            self.stats.failed += 1
+            log.warning("probe %s of %s failed: %s", number, self.request_id, exc.message)
+            return
+        finally:
+            elapsed = time.monotonic() - started
+            self.stats.seconds += elapsed
+            if self.on_duration is not None:
+                self.on_duration(elapsed)
+        self.stats.completed += 1
+        text = "".join(pieces)
+        raw = self.extractor(self.route.probe_suffix + text)
+        answer = self.normalizer(raw) if raw is not None else None
+        finite = tuple(lp for lp in lps if math.isfinite(lp))
+        self.on_result(ProbeResult(at_tokens, answer or None, text, finite if self.logprobs else None))
+
+    async def aclose(self) -> None:
+        """Cancel every running probe and wait for each to let go of its connection."""
+        tasks, self._inflight = self._inflight, []
+        for task in tasks:
+            task.cancel()
+        self.stats.cancelled += sum(1 for t in tasks if not t.done())
+        with anyio.CancelScope(shield=True):
+            for task in tasks:
+                try:
+                    await task
+                except (asyncio.CancelledError, Exception):
+                    pass
+
+
+def _path(endpoint: Endpoint) -> str:
+    return "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"

@@ -1,0 +1,83 @@
+"""What a stop policy sees and what it says.
+
+A policy is a small synchronous state machine. The generation session feeds
+it ``TokenEvent``s as the engine streams and ``ProbeResult``s as side probes
+return; it answers with a frozen ``Decision``: go on, start a probe, or stop
+(with a reason). Policies do no I/O and never import ``gateway``, so each is
+tested with plain lists of events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal, Protocol
+
+Phase = Literal["thinking", "answer"]
+
+
+class Action(Enum):
+    CONTINUE = "continue"
+    PROBE = "probe"
+    STOP = "stop"
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str | None = None
+
+
+CONTINUE = Decision(Action.CONTINUE)
+PROBE = Decision(Action.PROBE)
+
+
+def stop(reason: str) -> Decision:
+    return Decision(Action.STOP, reason)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New output from the main stream.
+
+    ``thinking_tokens`` and ``text`` are cumulative for the current phase:
+    the reasoning so far (after the think-open delimiter) or the answer so
+    far (after the think-close delimiter).
+    """
+
+    phase: Phase
+    new_text: str
+    new_tokens: int
+    thinking_tokens: int
+    text: str
+    logprobs: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """A side generation that asked "what is your answer now?".
+
+    ``answer`` is already extracted and normalised by the route's extractor
+    (``None`` if nothing could be extracted); ``text`` is the raw probe
+    output, for hesitation checks; ``logprobs`` are its tokens' log
+    probabilities when they were requested.
+    """
+
+    at_tokens: int
+    answer: str | None
+    text: str
+    logprobs: tuple[float, ...] | None = None
+
+
+class StopPolicy(Protocol):
+    name: str
+    #: True if probes must request token logprobs.
+    wants_logprobs: bool
+
+    def on_tokens(self, event: TokenEvent) -> Decision: ...
+
+    def on_probe(self, result: ProbeResult) -> Decision: ...
+
+
+class PolicyError(ValueError):
+    """A bad policy name or parameter; the message names it."""

@@ -1,0 +1,19 @@
+"""``none``: never stop early (the budget still bounds it). The no-policy baseline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from policies.base import CONTINUE, Decision, ProbeResult, TokenEvent
+
+
+@dataclass
+class NoPolicy:
+    name: str = field(default="none", init=False)
+    wants_logprobs: bool = field(default=False, init=False)
+
+    def on_tokens(self, event: TokenEvent) -> Decision:
+        return CONTINUE
+
+    def on_probe(self, result: ProbeResult) -> Decision:
+        return CONTINUE

@@ -1,0 +1,92 @@
+"""Policy names to factories, with parameter checking that names the bad parameter.
+
+``build_policy(name, params, budget=B)`` returns a ready policy bounded by
+budget ``B``. ``ensemble`` is not a stream policy but a sampling plan; use
+``ensemble_params``. Routes name a policy in the routes file; a request may
+override it with the ``stopgate`` field (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from policies.base import PolicyError, StopPolicy
+from policies.budget import BudgetPolicy
+from policies.compose import Bounded
+from policies.confidence import ConfidencePolicy
+from policies.convergence import ConvergencePolicy
+from policies.ensemble import EnsembleParams
+from policies.loop import LoopPolicy
+from policies.marker import MarkerPolicy
+from policies.none import NoPolicy
+from policies.static import StaticPolicy
+
+STREAM_POLICIES: dict[str, type[Any]] = {
+    "none": NoPolicy,
+    "budget": NoPolicy,  # the budget itself is the outer bound every policy gets
+    "marker": MarkerPolicy,
+    "convergence": ConvergencePolicy,
+    "confidence": ConfidencePolicy,
+    "loop": LoopPolicy,
+    "static": StaticPolicy,
+}
+NAMES = (*STREAM_POLICIES, "ensemble")
+
+_TYPES: dict[str, Callable[[Any], bool]] = {
+    "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "str": lambda v: isinstance(v, str),
+    "tuple[str, ...]": lambda v: isinstance(v, list | tuple) and all(isinstance(x, str) for x in v),
+}
+
+
+def construct(cls: type[Any], params: Mapping[str, Any], *, policy: str) -> Any:
+    """Build dataclass ``cls`` from ``params``, refusing unknown names and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
+    unknown = sorted(set(params) - set(fields))
+    if unknown:
+        raise PolicyError(f"policy '{policy}' has no parameter {unknown[0]!r}; it takes {sorted(fields)}")
+    kwargs = {}
+    for key, value in params.items():
+        check = _TYPES.get(str(fields[key].type))
+        if check is not None and not check(value):
+            raise PolicyError(f"policy '{policy}' parameter {key!r}: expected {fields[key].type}, got {value!r}")
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise PolicyError(f"policy '{policy}': {exc}") from exc
+    except PolicyError as exc:
+        raise PolicyError(f"policy '{policy}' parameter {exc}") from exc
+
+
+def build_policy(name: str, params: Mapping[str, Any], *, budget: int) -> StopPolicy:
+    cls = STREAM_POLICIES.get(name)
+    if cls is None:
+        if name == "ensemble":
+            raise PolicyError("'ensemble' is a sampling plan; build it with ensemble_params()")
+        raise PolicyError(f"unknown policy {name!r}; known policies: {', '.join(NAMES)}")
+    inner: StopPolicy = construct(cls, params, policy=name)
+    return Bounded(BudgetPolicy(budget), inner)
+
+
+def ensemble_params(params: Mapping[str, Any], *, budget: int = 1) -> tuple[EnsembleParams, dict[str, Any]]:
+    """The ensemble plan and its inner policy's parameters (``inner_params``), both checked."""
+    inner_params = params.get("inner_params", {})
+    if not isinstance(inner_params, Mapping):
+        raise PolicyError("policy 'ensemble' parameter 'inner_params': expected a mapping")
+    plan: EnsembleParams = construct(
+        EnsembleParams, {k: v for k, v in params.items() if k != "inner_params"}, policy="ensemble"
+    )
+    build_policy(plan.inner, inner_params, budget=budget)
+    return plan, dict(inner_params)
+
+
+def validate(name: str, params: Mapping[str, Any], *, budget: int = 1) -> None:
+    """Raise PolicyError if ``name`` with ``params`` would not build."""
+    if name == "ensemble":
+        ensemble_params(params, budget=budget)
+    else:
+        build_policy(name, params, budget=budget)
