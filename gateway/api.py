@@ -152,7 +152,8 @@ def _record(services: Services, gen: Generation, code: int, started: float) -> N
     m = services.metrics
     acc = gen.accounting
     route = gen.ctx.route.name
-    m.requests.labels(route, acc.stop_reason or "finished", str(code)).inc()
+    stop_reason = "error" if code >= 400 else acc.stop_reason or "finished"
+    m.requests.labels(route, stop_reason, str(code)).inc()
     m.tokens.labels(route, "prompt").inc(acc.prompt)
     m.tokens.labels(route, "completion").inc(acc.main)
     m.tokens.labels(route, "probe").inc(acc.probe)

@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+
 from gateway.chunks import ChoiceDelta, ChunkParser
 from gateway.continuation import continuation_body, text_prompt, token_logprobs
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
@@ -353,10 +355,10 @@ class Generation:
         finally:
             if pending is not None and not pending.done():
                 pending.cancel()
-                try:
-                    await pending
-                except (asyncio.CancelledError, StopAsyncIteration, GatewayError):
-                    pass
+                # Wait for the read to let go of the stream before it is closed,
+                # even if we are being cancelled ourselves.
+                with anyio.CancelScope(shield=True):
+                    await asyncio.wait({pending})
 
     async def _forced_answer(self) -> AsyncIterator[dict[str, Any]]:
         """Close the reasoning and let the model write its answer (a short continuation)."""

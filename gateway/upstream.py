@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 import httpx
 
 from gateway.errors import (
@@ -85,17 +86,26 @@ class Upstream:
         caller can still answer with a proper HTTP status.
         """
         headers = {"X-Request-Id": request_id}
+        request = self.client.build_request("POST", path, json=body, headers=headers)
         try:
-            async with self.client.stream("POST", path, json=body, headers=headers) as response:
-                if response.status_code >= 400:
-                    raw = await _read_bounded(response)
-                    message, param = _error_message(response.status_code, raw)
-                    if response.status_code < 500:
-                        raise UpstreamRejected(response.status_code, message, param=param)
-                    raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
-                yield _chunks(response)
+            response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise translate(exc) from exc
+        try:
+            if response.status_code >= 400:
+                raw = await _read_bounded(response)
+                message, param = _error_message(response.status_code, raw)
+                if response.status_code < 500:
+                    raise UpstreamRejected(response.status_code, message, param=param)
+                raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
+            yield _chunks(response)
+        except httpx.HTTPError as exc:
+            raise translate(exc) from exc
+        finally:
+            # Closing is what makes the engine abort: it must happen even when
+            # the caller is being cancelled (a client that left).
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
 
     async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any:
         try:

@@ -56,6 +56,8 @@ class FakeEngine:
         self.queue: deque[Script] = deque()
         self.stats = Stats()
         self.record = True
+        # Picks a script from the request body and headers; takes precedence over the queue.
+        self.responder: Callable[[dict[str, Any], dict[str, str]], Script | None] | None = None
 
     def push(self, *scripts: Script) -> None:
         """Scripts for the next requests, in order; then the default again."""
@@ -89,12 +91,22 @@ class FakeEngine:
         if self.record:
             self.stats.requests.append(request)
             self.stats.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
-        script = self.queue.popleft() if self.queue else self.default
+        headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        script = self.responder(request, headers) if self.responder is not None else None
+        if script is None:
+            script = self.queue.popleft() if self.queue else self.default
         await self._respond(script, request, path == "/v1/chat/completions", receive, send)
 
     async def _respond(self, script: Script, request: dict[str, Any], chat: bool, receive: Receive, send: Send) -> None:
         if script.stall_s:
-            await asyncio.sleep(script.stall_s)
+            stall = asyncio.ensure_future(asyncio.sleep(script.stall_s))
+            gone = asyncio.ensure_future(_wait_disconnect(receive))
+            await asyncio.wait({stall, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                stall.cancel()
+                self.stats.cancelled += 1
+                return
+            gone.cancel()
         if script.status != 200:
             await _json(
                 send,

@@ -31,6 +31,8 @@ class ConfidencePolicy:
             raise PolicyError(f"threshold: must be in (0, 1], got {self.threshold}")
         if self.aggregate not in ("mean", "min"):
             raise PolicyError(f"aggregate: must be 'mean' or 'min', got {self.aggregate!r}")
+        if self.min_tokens < 0:
+            raise PolicyError(f"min_tokens: must be >= 0, got {self.min_tokens}")
         self._next_probe_at = max(self.probe_every, self.min_tokens)
 
     def on_tokens(self, event: TokenEvent) -> Decision:

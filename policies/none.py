@@ -17,3 +17,10 @@ class NoPolicy:
 
     def on_probe(self, result: ProbeResult) -> Decision:
         return CONTINUE
+
+
+@dataclass
+class BudgetOnly(NoPolicy):
+    """``budget``: nothing but the budget, named so in metrics and the response extension."""
+
+    name: str = field(default="budget", init=False)

@@ -20,12 +20,12 @@ from policies.convergence import ConvergencePolicy
 from policies.ensemble import EnsembleParams
 from policies.loop import LoopPolicy
 from policies.marker import MarkerPolicy
-from policies.none import NoPolicy
+from policies.none import BudgetOnly, NoPolicy
 from policies.static import StaticPolicy
 
 STREAM_POLICIES: dict[str, type[Any]] = {
     "none": NoPolicy,
-    "budget": NoPolicy,  # the budget itself is the outer bound every policy gets
+    "budget": BudgetOnly,  # the budget itself is the outer bound every policy gets
     "marker": MarkerPolicy,
     "convergence": ConvergencePolicy,
     "confidence": ConfidencePolicy,
