@@ -17,11 +17,22 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import sse
 from gateway.chunks import ResponseBuilder
+from gateway.ensemble import EnsembleGeneration, is_ensemble
 from gateway.errors import GatewayError, PayloadTooLarge, UpstreamError, internal_error
 from gateway.metrics import UNKNOWN_ROUTE
 from gateway.protocol import Endpoint, parse_json_body, validate_request
 from gateway.services import Services
 from gateway.serving import Generation, RequestContext
+from gateway.upstream import Upstream
+
+AnyGeneration = Generation | EnsembleGeneration
+
+
+def make_generation(upstream: Upstream, ctx: RequestContext, *, vllm: bool) -> AnyGeneration:
+    if is_ensemble(ctx):
+        return EnsembleGeneration(upstream, ctx, vllm=vllm)
+    return Generation(upstream, ctx, vllm=vllm)
+
 
 log = logging.getLogger("stopgate")
 router = APIRouter()
@@ -77,7 +88,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
         route = services.route_for(req.model)
         route_name = route.name
         ctx = RequestContext(endpoint, req, route, request_id, max_n=services.settings.max_n)
-        gen = Generation(services.upstream, ctx, vllm=services.settings.upstream_is_vllm)
+        gen = make_generation(services.upstream, ctx, vllm=services.settings.upstream_is_vllm)
         if req.stream:
             chunks = gen.chunks()
             first = await _first(chunks)
@@ -111,7 +122,7 @@ async def _first(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
         raise
 
 
-async def _collect(gen: Generation, endpoint: Endpoint) -> dict[str, Any]:
+async def _collect(gen: AnyGeneration, endpoint: Endpoint) -> dict[str, Any]:
     builder = ResponseBuilder(endpoint)
     async for chunk in gen.chunks():
         builder.add(chunk)
@@ -121,7 +132,7 @@ async def _collect(gen: Generation, endpoint: Endpoint) -> dict[str, Any]:
 async def _sse_body(
     first: dict[str, Any],
     chunks: AsyncIterator[dict[str, Any]],
-    gen: Generation,
+    gen: AnyGeneration,
     services: Services,
     started: float,
 ) -> AsyncIterator[bytes]:
@@ -148,7 +159,7 @@ async def _sse_body(
     yield sse.DONE_EVENT
 
 
-def _record(services: Services, gen: Generation, code: int, started: float) -> None:
+def _record(services: Services, gen: AnyGeneration, code: int, started: float) -> None:
     m = services.metrics
     acc = gen.accounting
     route = gen.ctx.route.name

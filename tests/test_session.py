@@ -266,3 +266,32 @@ def test_a_policy_that_raises_ends_only_its_request(session_gateway: Any, monkey
         labels = {"route": "arith", "stop_reason": "error", "code": "500"}
         assert registry_.get_sample_value("stopgate_requests_total", labels) == 2.0
         complete(url)  # the gateway goes on
+
+
+def test_ensemble_stops_after_a_unanimous_first_wave(session_gateway: Any) -> None:
+    engine, start = session_gateway
+    with start(Script(pieces=["<think>", "\n", "1+2=3\n", "</think>", "\n#### 3"])) as (url, _):
+        body = complete(url, stopgate={"policy": "ensemble", "params": {"wave": 2, "max_samples": 6}})
+    ext = body["stopgate"]
+    assert ext["stop_reason"] == "ensemble_unanimous"
+    assert ext["ensemble"]["samples"] == 2 and ext["ensemble"]["votes"] == ["3", "3"]
+    assert body["choices"][0]["text"].endswith("#### 3")
+    assert ext["tokens"]["thinking"] == 2 * 4  # both samples counted
+    sent = [r for r, h in zip(engine.stats.requests, engine.stats.headers, strict=True) if "-s" in h["x-request-id"]]
+    assert len(sent) == 2 and all(r["temperature"] == 0.7 for r in sent)
+
+
+def test_ensemble_draws_more_waves_while_the_vote_is_split(session_gateway: Any) -> None:
+    engine, start = session_gateway
+
+    def respond(body: dict[str, Any], headers: dict[str, str]) -> Script:
+        answer = "4" if headers["x-request-id"].endswith("-s1") else "3"
+        return Script(pieces=["<think>", "x", "</think>", f"\n#### {answer}"])
+
+    with start(Script()) as (url, _):
+        engine.responder = respond
+        body = complete(url, stopgate={"policy": "ensemble", "params": {"wave": 2, "max_samples": 6}})
+    ext = body["stopgate"]
+    assert ext["ensemble"]["votes"] == ["3", "4", "3", "3", "3", "3"]
+    assert ext["stop_reason"] == "ensemble_max_samples" and ext["ensemble"]["answer"] == "3"
+    assert body["choices"][0]["text"].endswith("#### 3")

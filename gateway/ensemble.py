@@ -1,0 +1,150 @@
+"""The ``ensemble`` policy: samples drawn in waves, voted on, stopped early when the vote is clear.
+
+Each sample is an ordinary ``Generation`` running the plan's inner policy
+(itself bounded by the budget). After each wave the pure rule in
+``policies/ensemble.py`` says stop or draw more. The client gets the first
+sample that holds the majority answer, as one response; the extension adds
+the votes, and the token accounting sums every sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import fields
+from typing import Any
+
+from gateway.chunks import ResponseBuilder
+from gateway.errors import InvalidRequest
+from gateway.evaluation import get_extractor, get_normalizer
+from gateway.protocol import StopgateOptions
+from gateway.serving import Accounting, Generation, RequestContext, StopSpec, resolve_stop_spec
+from gateway.upstream import Upstream
+from policies.base import PolicyError
+from policies.ensemble import EnsembleParams, Verdict, judge
+from policies.registry import ensemble_params
+
+
+class EnsembleGeneration:
+    def __init__(self, upstream: Upstream, ctx: RequestContext, *, vllm: bool = True) -> None:
+        self.upstream = upstream
+        self.ctx = ctx
+        self.vllm = vllm
+        self.spec: StopSpec = resolve_stop_spec(ctx)
+        try:
+            self.plan, self.inner_params = ensemble_params(self.spec.params, budget=self.spec.budget)
+        except PolicyError as exc:
+            raise InvalidRequest(f"Invalid stopping settings: {exc}", param="stopgate") from exc
+        if ctx.request.n != 1:
+            raise InvalidRequest("policy 'ensemble' draws its own samples; send n=1.", param="n")
+        self.accounting = Accounting()
+        self.votes: list[str | None] = []
+        self._extract = get_extractor(ctx.route.extractor, ctx.route.extractor_pattern)
+        self._normalize = get_normalizer(ctx.route.normalizer)
+        self._first(0)  # validate the sample request before any I/O
+
+    def _sample_ctx(self, index: int) -> RequestContext:
+        req = self.ctx.request
+        update: dict[str, Any] = {
+            "stream": False,
+            "stopgate": StopgateOptions(policy=self.plan.inner, params=self.inner_params, budget=self.spec.budget),
+        }
+        if "temperature" not in req.model_fields_set:
+            update["temperature"] = self.plan.temperature
+        sample = req.model_copy(update=update)  # updated fields count as set: they pass through
+        return RequestContext(
+            self.ctx.endpoint, sample, self.ctx.route, f"{self.ctx.request_id}-s{index}", self.ctx.max_n
+        )
+
+    def _first(self, index: int) -> Generation:
+        return Generation(self.upstream, self._sample_ctx(index), vllm=self.vllm)
+
+    async def _draw(self, gen: Generation) -> dict[str, Any]:
+        builder = ResponseBuilder(self.ctx.endpoint)
+        async for chunk in gen.chunks():
+            builder.add(chunk)
+        return builder.build()
+
+    def _answer(self, body: dict[str, Any]) -> str | None:
+        choice = body["choices"][0] if body["choices"] else {}
+        text = choice.get("text") if "text" in choice else (choice.get("message") or {}).get("content")
+        raw = self._extract(text or "")
+        return self._normalize(raw) if raw is not None else None
+
+    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+        samples: list[tuple[Generation, dict[str, Any]]] = []
+        wave = self.plan.wave
+        verdict = Verdict(False, None, "drawing", wave)
+        while not verdict.done:
+            gens = [self._first(len(samples) + i) for i in range(wave)]
+            bodies = await asyncio.gather(*(self._draw(g) for g in gens))
+            for gen, body in zip(gens, bodies, strict=True):
+                samples.append((gen, body))
+                self.votes.append(self._answer(body))
+                _add(self.accounting, gen.accounting)
+            verdict = judge(self.votes, self.plan)
+            wave = verdict.next_wave
+        chosen = next((b for (_, b), v in zip(samples, self.votes, strict=True) if v == verdict.answer), samples[0][1])
+        yield from_response(chosen, self.ctx, self._extension(verdict, len(samples)))
+
+    def _extension(self, verdict: Verdict, drawn: int) -> dict[str, Any]:
+        acc = self.accounting
+        return {
+            "route": self.ctx.route.name,
+            "request_id": self.ctx.request_id,
+            "policy": "ensemble",
+            "stop_reason": f"ensemble_{verdict.reason}",
+            "budget": self.spec.budget,
+            "ensemble": {"samples": drawn, "votes": self.votes, "answer": verdict.answer, "inner": self.plan.inner},
+            "tokens": {
+                "prompt": acc.prompt,
+                "thinking": acc.thinking,
+                "answer": acc.answer,
+                "probe_prompt": acc.probe_prompt,
+                "probe": acc.probe,
+                "forced_prompt": acc.forced_prompt,
+                "forced": acc.forced,
+                "net": acc.net,
+            },
+        }
+
+
+def _add(total: Accounting, part: Accounting) -> None:
+    for f in fields(Accounting):
+        value = getattr(part, f.name)
+        if isinstance(value, int):
+            setattr(total, f.name, getattr(total, f.name) + value)
+    if total.first_token_at is None:
+        total.first_token_at = part.first_token_at
+    total.stop_reason = "ensemble"
+
+
+def from_response(body: dict[str, Any], ctx: RequestContext, extension: dict[str, Any]) -> dict[str, Any]:
+    """A whole response as one final stream chunk (the client's ``usage`` counts every sample)."""
+    chat = ctx.endpoint == "chat"
+    choice = dict(body["choices"][0])
+    if chat:
+        message = choice.pop("message", {})
+        choice["delta"] = {"role": "assistant", "content": message.get("content", "")}
+    tokens = extension["tokens"]
+    completion = tokens["thinking"] + tokens["answer"] + tokens["forced"]
+    return {
+        "id": body.get("id"),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": body.get("created"),
+        "model": ctx.request.model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": tokens["prompt"],
+            "completion_tokens": completion,
+            "total_tokens": tokens["prompt"] + completion,
+        },
+        "stopgate": extension,
+    }
+
+
+def is_ensemble(ctx: RequestContext) -> bool:
+    return resolve_stop_spec(ctx).policy == "ensemble"
+
+
+__all__ = ["EnsembleGeneration", "EnsembleParams", "is_ensemble"]
