@@ -127,3 +127,73 @@ def test_request_id_reaches_the_engine(real_gateway: RealGateway) -> None:
     assert r.headers["x-request-id"] == "itest-42"
     # vLLM names its completion after the request id it was given.
     assert "itest-42" in r.json()["id"]
+
+
+POLICIES = [
+    ("none", {}),
+    ("budget", {}),
+    ("marker", {"pattern": r"####\s*\d+\s"}),
+    ("convergence", {"probe_every": 16, "window": 2}),
+    ("confidence", {"probe_every": 16, "threshold": 0.9}),
+    ("loop", {}),
+    ("ensemble", {"wave": 2, "max_samples": 4}),
+]
+LONG = "Q: 7+3+9+4+8+1+6+2+5=?\n"  # 45, with a check pass
+
+
+@pytest.mark.parametrize(("policy", "params"), POLICIES, ids=[p for p, _ in POLICIES])
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+def test_each_policy_answers_on_both_endpoints(
+    real_gateway: RealGateway, policy: str, params: dict[str, object], endpoint: str
+) -> None:
+    url, _ = real_gateway
+    stopgate = {"policy": policy, "params": params, "budget": 60 if policy == "budget" else 400}
+    body: dict[str, object] = {"model": "tinyreason", "temperature": 0, "stopgate": stopgate}
+    if endpoint == "completions":
+        body["prompt"] = LONG
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+        text = r.json()["choices"][0]["text"]
+    else:
+        body["messages"] = [{"role": "user", "content": LONG.strip()}]
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        text = r.json()["choices"][0]["message"]["content"]
+    assert r.status_code == 200, r.text
+    ext = r.json()["stopgate"]
+    assert ext["policy"] == policy
+    assert text.startswith("<think>") and "</think>\n####" in text, text
+    tokens = ext["tokens"]
+    assert tokens["net"] >= tokens["thinking"] > 0
+    if policy == "budget":
+        assert ext["stop_reason"] == "budget" and tokens["thinking"] == 60 and tokens["forced"] > 0
+    if policy in ("convergence", "confidence"):
+        assert ext["probes"]["launched"] >= 1 and tokens["probe"] > 0
+    if policy in ("none", "loop", "marker"):
+        assert text.endswith("#### 45") and ext["stop_reason"] == "finished"
+    if ext["stop_reason"] in ("converged", "confident"):
+        assert tokens["forced"] > 0
+    usage = r.json()["usage"]
+    assert (
+        usage["completion_tokens"] == tokens["thinking"] + tokens["answer"] + tokens["forced"] or policy == "ensemble"
+    )
+
+
+def test_early_stop_saves_tokens_on_the_real_engine(real_gateway: RealGateway) -> None:
+    """Convergence stops inside the check pass: fewer main tokens than the full reasoning, same answer."""
+    url, _ = real_gateway
+    full = httpx.post(
+        f"{url}/v1/completions", json={"model": "tinyreason", "prompt": LONG, "temperature": 0}, timeout=60
+    ).json()
+    early = httpx.post(
+        f"{url}/v1/completions",
+        json={
+            "model": "tinyreason",
+            "prompt": LONG,
+            "temperature": 0,
+            "stopgate": {"policy": "convergence", "params": {"probe_every": 8, "window": 2}},
+        },
+        timeout=60,
+    ).json()
+    assert full["choices"][0]["text"].endswith("#### 45")
+    assert early["choices"][0]["text"].endswith("#### 45")
+    assert early["stopgate"]["stop_reason"] == "converged"
+    assert early["stopgate"]["tokens"]["thinking"] < full["stopgate"]["tokens"]["thinking"]
