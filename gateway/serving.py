@@ -36,6 +36,9 @@ from policies.static import StaticPolicy
 
 PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 PASSTHROUGH = "none"
+# Policies see the recent tail of the current phase, not all of it: the cost
+# per token stays constant however long the reasoning runs.
+TAIL_CHARS = 2048
 
 
 class PolicyFailed(GatewayError):
@@ -229,13 +232,13 @@ class Generation:
             acc.thinking += delta.tokens
             if at >= 0:
                 self._phase = "answer"
-                self._thinking_text = combined[:at]
+                self._thinking_text = combined[:at][-TAIL_CHARS:]
                 self._answer_text = combined[at + len(close) :]
             else:
-                self._thinking_text = combined
+                self._thinking_text = combined[-TAIL_CHARS:]
         else:
             acc.answer += delta.tokens
-            self._answer_text += text
+            self._answer_text = (self._answer_text + text)[-TAIL_CHARS:]
         if self.policy is None:
             return
         phase_text = self._thinking_text if self._phase == "thinking" else self._answer_text

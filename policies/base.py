@@ -40,9 +40,10 @@ def stop(reason: str) -> Decision:
 class TokenEvent:
     """New output from the main stream.
 
-    ``thinking_tokens`` and ``text`` are cumulative for the current phase:
-    the reasoning so far (after the think-open delimiter) or the answer so
-    far (after the think-close delimiter).
+    ``thinking_tokens`` counts the reasoning so far. ``text`` is the recent
+    tail (up to a couple of thousand characters) of the current phase: the
+    reasoning before the think-close delimiter, or the answer after it.
+    Policies that need more history keep it themselves.
     """
 
     phase: Phase

@@ -41,7 +41,8 @@ def is_looping(text: str, min_period: int, max_period: int, repeats: int) -> boo
     """True if ``text`` ends with some block repeated ``repeats`` times."""
     n = len(text)
     for period in range(min_period, min(max_period, n // repeats) + 1):
-        block = text[n - period :]
-        if all(text[n - (k + 1) * period : n - k * period] == block for k in range(1, repeats)):
+        # A span is p-periodic iff it equals itself shifted by p: one C-level compare per period.
+        span = text[n - period * repeats :]
+        if span[period:] == span[:-period]:
             return True
     return False
