@@ -1,0 +1,1 @@
+"""Feedback control: the pure per-route controller and (later) its state store."""
