@@ -82,6 +82,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     started = time.monotonic()
     route_name = UNKNOWN_ROUTE
     metrics.in_flight.inc()
+    streaming = False  # once the stream starts, its body owns the in-flight count
     try:
         body = parse_json_body(await read_body(request, services.settings.max_request_bytes))
         req = validate_request(endpoint, body)
@@ -97,6 +98,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
+            streaming = True
             return response
         result = await _with_cancellation(request, _collect(gen, endpoint))
         if result is None:
@@ -109,7 +111,8 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
         metrics.requests.labels(route_name, "error", str(exc.status_code)).inc()
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
     finally:
-        metrics.in_flight.dec()
+        if not streaming:
+            metrics.in_flight.dec()
 
 
 async def _first(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
@@ -156,6 +159,7 @@ async def _sse_body(
         with anyio.CancelScope(shield=True):
             await chunks.aclose()  # type: ignore[attr-defined]
             _record(services, gen, code, started)
+            services.metrics.in_flight.dec()
     yield sse.DONE_EVENT
 
 

@@ -179,3 +179,18 @@ def test_slow_chunks_still_stream_incrementally(gateway: Gateway) -> None:
                 arrivals.append(time.monotonic())
     # Not buffered until the end: the first chunk arrived well before the last.
     assert arrivals[-1] - arrivals[0] >= 0.5
+
+
+def test_in_flight_counts_a_stream_until_it_ends(gateway: Gateway) -> None:
+    url, engine, registry = gateway
+    engine.push(Script(pieces=["a"] * 40, delay_s=0.02))
+    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x", "stream": True}) as r:
+        lines = r.iter_lines()
+        next(lines)
+        assert registry.get_sample_value("stopgate_in_flight_requests") == 1.0
+        for _ in lines:
+            pass
+    deadline = time.monotonic() + 5
+    while registry.get_sample_value("stopgate_in_flight_requests") != 0.0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert registry.get_sample_value("stopgate_in_flight_requests") == 0.0
