@@ -184,7 +184,9 @@ def test_slow_chunks_still_stream_incrementally(gateway: Gateway) -> None:
 def test_in_flight_counts_a_stream_until_it_ends(gateway: Gateway) -> None:
     url, engine, registry = gateway
     engine.push(Script(pieces=["a"] * 40, delay_s=0.02))
-    with httpx.stream("POST", f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x", "stream": True}) as r:
+    with httpx.stream(
+        "POST", f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x", "stream": True}
+    ) as r:
         lines = r.iter_lines()
         next(lines)
         assert registry.get_sample_value("stopgate_in_flight_requests") == 1.0
