@@ -86,6 +86,26 @@ def completion(problem: Problem) -> str:
     return f"{THINK_OPEN}{thinking(problem)}{THINK_CLOSE}\n#### {problem.answer}"
 
 
+def answer_if_cut(problem: Problem, cut: int) -> int:
+    """The answer the model gives if its reasoning is cut after ``cut`` characters of ``thinking()``.
+
+    Its best belief at that point: the total once the forward pass has
+    finished (a check pass in progress does not change a known answer), else
+    the running sum of the last complete forward line (the first operand if
+    none is complete). Training on these cuts is what makes forced answers and
+    probes behave like a reasoning model's: right once the answer is known.
+    """
+    lines = _lines(problem.operands)
+    end = 1  # after the leading newline
+    acc = problem.operands[0]
+    for d, line in zip(problem.operands[1:], lines, strict=True):
+        end += len(line)
+        if cut < end - 1:  # this line's final value is not fully written yet
+            return acc
+        acc += d
+    return problem.answer
+
+
 def has_slip(problem: Problem) -> bool:
     return " wait " in thinking(problem)
 

@@ -24,7 +24,15 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.task import THINK_CLOSE, THINK_OPEN, completion, sample_problem  # noqa: E402
+from models.task import (  # noqa: E402
+    THINK_CLOSE,
+    THINK_OPEN,
+    Problem,
+    answer_if_cut,
+    completion,
+    sample_problem,
+    thinking,
+)
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -69,15 +77,30 @@ def encode_example(tok: PreTrainedTokenizerFast, prompt: str, target: str) -> tu
     return p + c, len(p)
 
 
+def forced_example(tok: PreTrainedTokenizerFast, prob: Problem, rng: random.Random) -> tuple[list[int], int]:
+    """Reasoning cut at a random point, then ``</think>\n####`` and the answer believed there.
+
+    Only the answer is trained (the cut prefix is context), so the model
+    never learns to close its reasoning early, only to answer when made to.
+    """
+    text = thinking(prob)
+    cut = rng.randint(0, len(text))
+    context = prob.prompt + THINK_OPEN + text[:cut] + THINK_CLOSE + "\n####"
+    return encode_example(tok, context, f" {answer_if_cut(prob, cut)}")
+
+
 def batch(
-    tok: PreTrainedTokenizerFast, rng: random.Random, size: int, exclude: set[str]
+    tok: PreTrainedTokenizerFast, rng: random.Random, size: int, exclude: set[str], forced_share: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     seqs = []
     while len(seqs) < size:
         prob = sample_problem(rng)
         if prob.prompt in exclude:
             continue
-        seqs.append(encode_example(tok, prob.prompt, completion(prob)))
+        if rng.random() < forced_share:
+            seqs.append(forced_example(tok, prob, rng))
+        else:
+            seqs.append(encode_example(tok, prob.prompt, completion(prob)))
     width = max(len(s) for s, _ in seqs)
     ids = torch.full((size, width), tok.pad_token_id, dtype=torch.long)
     labels = torch.full((size, width), -100, dtype=torch.long)
@@ -107,6 +130,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--forced-share", type=float, default=0.25, help="share of cut-and-forced examples")
     args = ap.parse_args()
 
     torch.manual_seed(args.seed)
@@ -150,7 +174,7 @@ def main() -> None:
     for step in range(args.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        ids, labels = batch(tok, rng, args.batch, exclude)
+        ids, labels = batch(tok, rng, args.batch, exclude, args.forced_share)
         # fp32: bf16 autocast is ~15x slower on CPUs without AMX.
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -175,6 +199,7 @@ def main() -> None:
                 "lr": args.lr,
                 "hidden": args.hidden,
                 "layers": args.layers,
+                "forced_share": args.forced_share,
                 "parameters": n_params,
                 "train_minutes": round(elapsed / 60, 1),
                 "torch": torch.__version__,
