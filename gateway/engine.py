@@ -11,6 +11,7 @@ child also gets SIGTERM if the gateway dies without cleaning up (Linux
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -70,6 +71,10 @@ def engine_command(settings: EngineSettings, port: int) -> list[str]:
         "--enable-request-id-headers",
         "--disable-uvicorn-access-log",
     ]
+    if settings.think_open and settings.think_close:
+        # Lets the engine enforce its own thinking_token_budget (the `static` baseline policy).
+        config = {"reasoning_start_str": settings.think_open, "reasoning_end_str": settings.think_close}
+        cmd += ["--reasoning-config", json.dumps(config)]
     if settings.enforce_eager:
         cmd.append("--enforce-eager")
     return cmd + list(settings.extra_args)

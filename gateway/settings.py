@@ -150,6 +150,9 @@ class EngineSettings(BaseModel):
     # hit the prefix cache, so probes on short reasoning would recompute.
     block_size: int = Field(default=32, ge=32)
     enforce_eager: bool = True
+    # The bundled model's think delimiters, for vLLM's own thinking budget; empty to leave it off.
+    think_open: str = "<think>"
+    think_close: str = "</think>"
     startup_timeout_s: float = Field(default=300.0, gt=0)
     log_file: Path = Path("logs/engine.log")
     extra_args: tuple[str, ...] = ()

@@ -140,6 +140,7 @@ POLICIES = [
     ("confidence", {"probe_every": 16, "threshold": 0.9}),
     ("loop", {}),
     ("ensemble", {"wave": 2, "max_samples": 4}),
+    ("static", {"thinking_token_budget": 30}),
 ]
 LONG = "Q: 7+3+9+4+8+1+6+2+5=?\n"  # 45, with a check pass
 
@@ -170,6 +171,8 @@ def test_each_policy_answers_on_both_endpoints(
         assert ext["stop_reason"] == "budget" and tokens["thinking"] == 60 and tokens["forced"] > 0
     if policy in ("convergence", "confidence"):
         assert ext["probes"]["launched"] >= 1 and tokens["probe"] > 0
+    if policy == "static":  # the engine itself closed the reasoning after 30 tokens
+        assert ext["stop_reason"] == "finished" and tokens["thinking"] <= 32 and tokens["forced"] == 0
     if policy in ("none", "loop", "marker"):
         assert text.endswith("#### 45") and ext["stop_reason"] == "finished"
     if ext["stop_reason"] in ("converged", "confident"):
