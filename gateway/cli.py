@@ -58,7 +58,9 @@ def serve(args: argparse.Namespace) -> int:
         if settings.upstream_url is None:
             engine = _start_engine(settings.engine)
             settings = settings.model_copy(update={"upstream_url": engine.url})
-        signal.signal(signal.SIGTERM, previous)
+        # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal
+        # under the handler found here: that must not kill us before the engine stops.
+        signal.signal(signal.SIGTERM, _note_signal)
         return _run_uvicorn(settings)
     except EngineStartError as exc:
         return _fail(f"the embedded engine did not start: {exc}")
@@ -69,10 +71,15 @@ def serve(args: argparse.Namespace) -> int:
         if engine is not None:
             print("stopgate: stopping the engine", file=sys.stderr)
             engine.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
+
+
+def _note_signal(signum: int, frame: FrameType | None) -> None:
+    log.info("received signal %d after shutdown", signum)
 
 
 def _start_engine(settings: EngineSettings) -> EmbeddedEngine:

@@ -130,6 +130,9 @@ def test_serve_runs_the_embedded_engine_and_sigterm_leaves_no_orphan(tmp_path: P
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _alive(pid: int) -> bool:
