@@ -52,6 +52,7 @@ def serve(args: argparse.Namespace) -> int:
         return _fail(f"port {settings.port} on {settings.host} is already in use; pass --port or free it")
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     engine: EmbeddedEngine | None = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
