@@ -37,6 +37,20 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("convergence-k8-w2", {"policy": "convergence", "params": {"probe_every": 8, "window": 2}}),
     ("convergence-k16-w2", {"policy": "convergence", "params": {"probe_every": 16, "window": 2}}),
     ("convergence-k8-w3", {"policy": "convergence", "params": {"probe_every": 8, "window": 3}}),
+    (
+        "convergence-step-k16-w2",
+        {"policy": "convergence", "params": {"probe_every": 16, "window": 2, "step_delimiter": "\n"}},
+    ),
+    (
+        "convergence-step-k24-w2",
+        {"policy": "convergence", "params": {"probe_every": 24, "window": 2, "step_delimiter": "\n"}},
+    ),
+    (
+        "convergence-step-k12-w3",
+        {"policy": "convergence", "params": {"probe_every": 12, "window": 3, "step_delimiter": "\n"}},
+    ),
+    # The route's verification cue: this model writes "check" when it starts re-verifying a known answer.
+    ("marker-verify-cue", {"policy": "marker", "params": {"pattern": r"\ncheck\n"}}),
     ("confidence-k8-0.95", {"policy": "confidence", "params": {"probe_every": 8, "threshold": 0.95}}),
     ("confidence-k16-0.99", {"policy": "confidence", "params": {"probe_every": 16, "threshold": 0.99}}),
     ("ensemble-w2-max4", {"policy": "ensemble", "params": {"wave": 2, "max_samples": 4, "temperature": 0.7}}),

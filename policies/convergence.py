@@ -3,6 +3,7 @@
 Every ``probe_every`` thinking tokens the session asks the model, in a side
 generation, for its answer now. The policy stops once the last ``window``
 probe answers are all non-empty and equal (after the route's normaliser).
+With ``step_delimiter`` set, probes wait for the end of a reasoning step.
 Dynasor's published stop rule forgot the "equal" part (its issue #25); here
 it is the rule. Probes whose text hesitates ("wait", "hmm", ...) count as
 empty, and results older than the newest one seen are stale and ignored.
@@ -23,6 +24,9 @@ class ConvergencePolicy:
     window: int = 3
     hesitation_words: tuple[str, ...] = DEFAULT_HESITATION
     min_tokens: int = 0
+    # When set (e.g. "\n"), a due probe waits for the end of the current reasoning
+    # step, so every probe sees whole steps and agreement means "no step changed it".
+    step_delimiter: str = ""
     name: str = field(default="convergence", init=False)
     wants_logprobs: bool = field(default=False, init=False)
     _next_probe_at: int = field(init=False, default=0)
@@ -42,6 +46,11 @@ class ConvergencePolicy:
     def on_tokens(self, event: TokenEvent) -> Decision:
         if event.phase != "thinking" or event.thinking_tokens < self._next_probe_at:
             return CONTINUE
+        if self.step_delimiter:
+            if self.step_delimiter not in event.new_text:
+                return CONTINUE
+            self._next_probe_at = event.thinking_tokens + self.probe_every
+            return PROBE
         while self._next_probe_at <= event.thinking_tokens:
             self._next_probe_at += self.probe_every
         return PROBE

@@ -806,3 +806,17 @@ def test_validate_checks_both_stream_policies_and_ensembles() -> None:
         validate("convergence", {"window": 0})
     with pytest.raises(PolicyError, match="repeats"):
         validate("ensemble", {"inner": "loop", "inner_params": {"repeats": 1}})
+
+
+def test_convergence_with_a_step_delimiter_probes_only_at_step_ends() -> None:
+    from policies.base import Action, TokenEvent
+    from policies.convergence import ConvergencePolicy
+
+    policy = ConvergencePolicy(probe_every=4, window=2, step_delimiter="\n")
+    pieces = list("1+2=3\n3+4=7\n7+0=7\n")
+    actions = []
+    for i, piece in enumerate(pieces, start=1):
+        event = TokenEvent("thinking", piece, 1, i, "".join(pieces[:i]))
+        actions.append(policy.on_tokens(event).action)
+    probe_at = [i for i, a in enumerate(actions, start=1) if a is Action.PROBE]
+    assert probe_at == [6, 12, 18]  # each at a newline, at least 4 tokens after the last probe
