@@ -100,7 +100,8 @@ def _run_uvicorn(settings: Settings) -> int:
     from gateway.app import create_app
 
     app = create_app(settings)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # No access log: Prometheus counts requests, and a log line per request costs CPU.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
     server = uvicorn.Server(config)
     print(f"stopgate: gateway on http://{settings.host}:{settings.port} -> {settings.upstream_url}", file=sys.stderr)
     server.run()  # handles SIGINT/SIGTERM itself and returns

@@ -96,16 +96,7 @@ class EnsembleGeneration:
             "stop_reason": f"ensemble_{verdict.reason}",
             "budget": self.spec.budget,
             "ensemble": {"samples": drawn, "votes": self.votes, "answer": verdict.answer, "inner": self.plan.inner},
-            "tokens": {
-                "prompt": acc.prompt,
-                "thinking": acc.thinking,
-                "answer": acc.answer,
-                "probe_prompt": acc.probe_prompt,
-                "probe": acc.probe,
-                "forced_prompt": acc.forced_prompt,
-                "forced": acc.forced,
-                "net": acc.net,
-            },
+            "tokens": acc.tokens(),
         }
 
 

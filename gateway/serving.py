@@ -161,6 +161,19 @@ class Accounting:
         """Everything the engine generated for this request."""
         return self.main + self.forced + self.probe
 
+    def tokens(self) -> dict[str, int]:
+        """Tokens by kind, as the response extension reports them."""
+        return {
+            "prompt": self.prompt,
+            "thinking": self.thinking,
+            "answer": self.answer,
+            "probe_prompt": self.probe_prompt,
+            "probe": self.probe,
+            "forced_prompt": self.forced_prompt,
+            "forced": self.forced,
+            "net": self.net,
+        }
+
 
 class Generation:
     def __init__(self, upstream: Upstream, ctx: RequestContext, *, vllm: bool = True) -> None:
@@ -405,16 +418,7 @@ class Generation:
             "policy": self.spec.policy if self.policy is not None else PASSTHROUGH,
             "stop_reason": acc.stop_reason or "finished",
             "budget": self.spec.budget if self.policy is not None else None,
-            "tokens": {
-                "prompt": acc.prompt,
-                "thinking": acc.thinking,
-                "answer": acc.answer,
-                "probe_prompt": acc.probe_prompt,
-                "probe": acc.probe,
-                "forced_prompt": acc.forced_prompt,
-                "forced": acc.forced,
-                "net": acc.net,
-            },
+            "tokens": acc.tokens(),
         }
         if self.probes is not None:
             s = self.probes.stats

@@ -131,10 +131,16 @@ async def _read_bounded(response: httpx.Response) -> bytes:
 
 
 async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    done = False
     try:
         async for data in iter_sse_data(response.aiter_text()):
+            if done:
+                continue
             if data == DONE:
-                return
+                # Read on to the end of the body: a response closed unfinished
+                # loses its keep-alive connection, and the next request reconnects.
+                done = True
+                continue
             try:
                 chunk = json.loads(data)
             except ValueError as exc:
@@ -147,4 +153,5 @@ async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             yield chunk
     except httpx.HTTPError as exc:
         raise translate(exc) from exc
-    raise UpstreamError("The upstream stream ended without [DONE].")
+    if not done:
+        raise UpstreamError("The upstream stream ended without [DONE].")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from gateway.control.controller import wilson as _wilson
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,14 +30,8 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval for a proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    """Wilson score interval for a proportion (two-sided 95% by default)."""
+    return _wilson(successes, n, z)
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:

@@ -47,6 +47,7 @@ class Stats:
     completed: int = 0
     cancelled: int = 0
     chunks_sent: int = 0
+    client_ports: set[int] = field(default_factory=set)  # one per TCP connection the gateway opened
 
 
 class FakeEngine:
@@ -89,6 +90,9 @@ class FakeEngine:
                 break
         request = json.loads(body)
         if self.record:
+            client = scope.get("client")
+            if client:
+                self.stats.client_ports.add(int(client[1]))
             self.stats.requests.append(request)
             self.stats.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}

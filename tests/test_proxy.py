@@ -196,3 +196,13 @@ def test_in_flight_counts_a_stream_until_it_ends(gateway: Gateway) -> None:
     while registry.get_sample_value("stopgate_in_flight_requests") != 0.0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert registry.get_sample_value("stopgate_in_flight_requests") == 0.0
+
+
+def test_engine_connections_are_reused_across_requests(gateway: Gateway) -> None:
+    """A stream read only to [DONE] would drop its keep-alive connection: one reconnect per request."""
+    url, engine, _ = gateway
+    for stream in (False, True, False, True, False):
+        body = {"model": "tinyreason", "prompt": "x", "stream": stream}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+            r.read()
+    assert len(engine.stats.client_ports) == 1
