@@ -2,8 +2,10 @@
 
 ``Probes.launch`` starts a side generation on the current prefix and returns
 at once. Results reach the policy through ``on_result`` as they arrive. At
-most ``max_inflight`` probes run at a time: launching another cancels the
-oldest, which is stale by then. At most ``max_probes`` run per request.
+most ``max_inflight_probes`` run at a time: a launch while that many run is
+skipped, so that a slow engine still completes the probes it has (cancelling
+the oldest instead would, under load, cancel every probe before it answers).
+At most ``max_probes`` are launched per request.
 ``aclose`` cancels whatever is still running; the engine aborts each one as
 its connection closes.
 """
@@ -36,6 +38,7 @@ class ProbeStats:
     launched: int = 0
     completed: int = 0
     cancelled: int = 0
+    skipped: int = 0
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -77,12 +80,12 @@ class Probes:
         return len(self._inflight)
 
     def launch(self, at_tokens: int, generated: str) -> bool:
-        """Start a probe on ``generated``; False if the per-request bound is reached."""
+        """Start a probe on ``generated``; False if the per-request bound is reached or too many are running."""
         if self.stats.launched >= self.max_probes:
             return False
-        while len(self._inflight) >= self.route.max_inflight_probes:
-            self._inflight.pop(0).cancel()  # the oldest is stale now
-            self.stats.cancelled += 1
+        if len(self._inflight) >= self.route.max_inflight_probes:
+            self.stats.skipped += 1
+            return False
         self.stats.launched += 1
         task = asyncio.ensure_future(self._run(self.stats.launched, at_tokens, generated))
         self._inflight.append(task)

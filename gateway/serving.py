@@ -422,7 +422,12 @@ class Generation:
         }
         if self.probes is not None:
             s = self.probes.stats
-            ext["probes"] = {"launched": s.launched, "completed": s.completed, "cancelled": s.cancelled}
+            ext["probes"] = {
+                "launched": s.launched,
+                "completed": s.completed,
+                "cancelled": s.cancelled,
+                "skipped": s.skipped,
+            }
         return ext
 
     def _final_usage(self, upstream_usage: dict[str, Any] | None) -> dict[str, Any]:
