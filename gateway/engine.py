@@ -70,6 +70,9 @@ def engine_command(settings: EngineSettings, port: int) -> list[str]:
         # So the engine uses the gateway's x-request-id as its own request id.
         "--enable-request-id-headers",
         "--disable-uvicorn-access-log",
+        # Evaluation work (canary replays, shadow reruns) runs at a lower priority than live traffic.
+        "--scheduling-policy",
+        "priority",
     ]
     if settings.think_open and settings.think_close:
         # Lets the engine enforce its own thinking_token_budget (the `static` baseline policy).

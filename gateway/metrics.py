@@ -51,3 +51,25 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
+        # EM sampling and the controller (issue 5).
+        self.em_samples = Counter(
+            "stopgate_em_samples",
+            "EM samples by route, source (gold, canary, shadow) and outcome.",
+            ["route", "source", "correct"],
+            registry=r,
+        )
+        self.eval_tokens = Counter(
+            "stopgate_eval_tokens",
+            "Tokens spent on evaluation work (canary replays, shadow reruns), by route and source.",
+            ["route", "source"],
+            registry=r,
+        )
+        self.eval_skipped = Counter(
+            "stopgate_eval_skipped",
+            "Evaluation runs not started, by route, source and reason (busy, share).",
+            ["route", "source", "reason"],
+            registry=r,
+        )
+        self.budget = Gauge("stopgate_budget_tokens", "The thinking budget in force, by route.", ["route"], registry=r)
+        self.window_em = Gauge("stopgate_window_em", "EM over the route's sliding window.", ["route"], registry=r)
+        self.target_em = Gauge("stopgate_target_em", "The route's target EM.", ["route"], registry=r)

@@ -32,6 +32,13 @@ class StopgateOptions(BaseModel):
     policy: str | None = None
     params: dict[str, Any] | None = None
     budget: StrictInt | None = Field(default=None, ge=1)
+    # The reference item this request replays: its EM is scored against the item's gold answers.
+    reference_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @property
+    def overrides(self) -> bool:
+        """Whether the request changes the stopping settings (its EM then says nothing about the route's)."""
+        return self.policy is not None or self.params is not None or self.budget is not None
 
 
 class ChatMessage(BaseModel):
@@ -50,10 +57,20 @@ class _Common(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stopgate: StopgateOptions | None = None
+    # Also accepted at the top level, as `stopgate.reference_id`; never sent to the engine.
+    reference_id: str | None = Field(default=None, min_length=1, max_length=256)
 
     def passthrough(self) -> dict[str, Any]:
         """The request as sent, minus what the gateway rewrites or owns."""
-        return self.model_dump(exclude_unset=True, exclude={"model", "stream", "stream_options", "stopgate"})
+        return self.model_dump(
+            exclude_unset=True, exclude={"model", "stream", "stream_options", "stopgate", "reference_id"}
+        )
+
+    @property
+    def reference(self) -> str | None:
+        if self.stopgate is not None and self.stopgate.reference_id is not None:
+            return self.stopgate.reference_id
+        return self.reference_id
 
 
 class CompletionRequest(_Common):

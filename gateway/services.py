@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from gateway.control.plane import ControlPlane
 from gateway.errors import UnknownModel
 from gateway.metrics import Metrics
 from gateway.settings import RouteConfig, RoutesConfig, Settings
@@ -18,6 +19,8 @@ class Services:
     routes: RoutesConfig
     upstream: Upstream
     metrics: Metrics
+    control: ControlPlane
+    in_flight: int = field(default=0)  # live requests being served (the plane skips evaluation when busy)
 
     def __post_init__(self) -> None:
         self._by_model = self.routes.by_model()

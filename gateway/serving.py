@@ -49,6 +49,16 @@ class PolicyFailed(GatewayError):
 
 
 @dataclass(frozen=True)
+class Controlled:
+    """The stopping settings a route's controller has in force (``gateway/control``)."""
+
+    budget: int
+    level: int = 0
+    param: str | None = None  # the strictness parameter, if the route names one
+    value: Any = None
+
+
+@dataclass(frozen=True)
 class RequestContext:
     endpoint: Endpoint
     request: CompletionRequest | ChatCompletionRequest
@@ -56,6 +66,7 @@ class RequestContext:
     request_id: str
     max_n: int = 8
     max_probes: int | None = None  # the gateway-wide cap, if tighter than the route's
+    controlled: Controlled | None = None  # the controller's settings; the request's override wins
 
 
 @dataclass(frozen=True)
@@ -73,6 +84,10 @@ def resolve_stop_spec(ctx: RequestContext) -> StopSpec:
     policy = route.policy.name
     params = dict(route.policy.params)
     budget = route.budget
+    if ctx.controlled is not None:
+        budget = ctx.controlled.budget
+        if ctx.controlled.param is not None:
+            params[ctx.controlled.param] = ctx.controlled.value
     if override is not None:
         if override.policy is not None and override.policy != policy:
             policy, params = override.policy, {}

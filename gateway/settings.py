@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gateway.evaluation import get_extractor, get_normalizer
@@ -34,6 +34,50 @@ class PolicyConfig(BaseModel):
 
     name: str = "none"
     params: dict[str, Any] = Field(default_factory=dict)
+
+
+class StrictnessConfig(BaseModel):
+    """The policy parameter the controller moves besides the budget, with its values, strictest first.
+
+    E.g. ``{param: window, values: [2, 3, 4]}`` for convergence: a larger window stops later.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    param: str = Field(min_length=1)
+    values: tuple[Any, ...] = Field(min_length=1)
+
+
+class ControlConfig(BaseModel):
+    """The route's feedback controller (docs/controller.md): its target EM and budget bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    target: float = Field(default=0.8, gt=0.0, le=1.0)
+    min_budget: int = Field(default=8, ge=1)
+    max_budget: int | None = Field(default=None, ge=1, description="default: the route's budget")
+    strictness: StrictnessConfig | None = None
+    # Further ControllerConfig fields (cooldown, min_samples, window, ...), checked at start-up.
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ControlConfig:
+        if self.max_budget is not None and self.min_budget > self.max_budget:
+            raise ValueError(f"budget bounds: min_budget={self.min_budget} > max_budget={self.max_budget}")
+        return self
+
+
+class EvaluationConfig(BaseModel):
+    """Where the route's EM samples come from, besides live requests that match a reference item."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    references: tuple[Path, ...] = ()
+    # Reference items replayed per minute through the live path (0: no canaries).
+    canary_per_minute: float = Field(default=0.0, ge=0.0)
+    # Share of early-stopped live requests without a reference item that get a full-length shadow rerun.
+    shadow_share: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
 class RouteConfig(BaseModel):
@@ -66,6 +110,10 @@ class RouteConfig(BaseModel):
     max_probes: int = Field(default=16, ge=0, le=256)
     max_inflight_probes: int = Field(default=2, ge=1, le=16)
 
+    # EM sampling and the feedback controller (issue 5); no `control` means a fixed budget.
+    control: ControlConfig | None = None
+    evaluation: EvaluationConfig = EvaluationConfig()
+
     @model_validator(mode="after")
     def _check(self) -> RouteConfig:
         if self.default_max_tokens > self.max_tokens_limit:
@@ -79,7 +127,26 @@ class RouteConfig(BaseModel):
             validate(self.policy.name, self.policy.params, budget=self.budget)
         except PolicyError as exc:
             raise ValueError(f"policy: {exc}") from exc
+        if self.control is not None:
+            if self.control.min_budget > self.max_budget:
+                raise ValueError(
+                    f"control: budget bounds: min_budget={self.control.min_budget} > max_budget={self.max_budget}"
+                )
+            strictness = self.control.strictness
+            if strictness is not None:
+                for value in strictness.values:
+                    try:
+                        validate(self.policy.name, {**self.policy.params, strictness.param: value}, budget=self.budget)
+                    except PolicyError as exc:
+                        raise ValueError(f"control.strictness: {strictness.param}={value!r}: {exc}") from exc
         return self
+
+    @property
+    def max_budget(self) -> int:
+        """The loosest budget the controller may set: the shadow reruns' budget too."""
+        if self.control is not None and self.control.max_budget is not None:
+            return self.control.max_budget
+        return self.budget
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -122,6 +189,13 @@ def load_routes(path: Path) -> RoutesConfig:
     for name, body in raw["routes"].items():
         if not isinstance(body, dict):
             raise ConfigError(f"routes_file: {path}: routes.{name} must be a mapping")
+        evaluation = body.get("evaluation")
+        if isinstance(evaluation, dict) and isinstance(evaluation.get("references"), list):
+            # Reference files are relative to the routes file, like any config that names files.
+            refs = [
+                path.parent / str(ref) if not Path(str(ref)).is_absolute() else ref for ref in evaluation["references"]
+            ]
+            body = {**body, "evaluation": {**evaluation, "references": refs}}
         routes.append({"name": str(name), **body})
     try:
         return RoutesConfig(routes=tuple(RouteConfig(**r) for r in routes))
@@ -178,6 +252,18 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
     max_n: int = Field(default=8, ge=1)
     log_level: str = "info"
+
+    # Admin API (/admin/...): off unless a key is set; every call needs `Authorization: Bearer <key>`.
+    admin_key: SecretStr | None = None
+    # Controller state (SQLite, WAL); ":memory:" keeps it in the process only.
+    state_path: str = "state/stopgate.db"
+    # Evaluation work (canary replays, shadow reruns) may spend at most this share of live tokens ...
+    eval_share: float = Field(default=0.05, ge=0.0)
+    # ... and is skipped while this many live requests are in flight.
+    eval_max_in_flight: int = Field(default=8, ge=1)
+    # vLLM request priority for evaluation work (larger runs later); needs the engine's
+    # `--scheduling-policy priority`. None: send no priority.
+    eval_priority: int | None = None
 
     @field_validator("upstream_url")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -13,10 +14,16 @@ from prometheus_client import CollectorRegistry
 from gateway.app import create_app
 from gateway.engine import EmbeddedEngine
 from gateway.settings import EngineSettings, Settings
+from gateway.threaded import serve_in_thread
 from loadtest.fake_engine import FakeEngine
-from tests.servers import serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Tests never share controller state through a file, and no background evaluation
+# (canaries, shadow reruns) adds requests to an engine a test is counting; the
+# tests of those features turn them on explicitly.
+os.environ.setdefault("STOPGATE_STATE_PATH", ":memory:")
+os.environ.setdefault("STOPGATE_EVAL_SHARE", "0")
 
 
 @pytest.fixture

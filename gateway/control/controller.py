@@ -1,85 +1,156 @@
-"""The per-route feedback controller: a pure ``step(state, correct, config) -> state``.
+"""The per-route feedback controller: a pure ``step(state, sample, config) -> state``.
 
-It moves a route's thinking budget so that EM stays at the target with the
-fewest tokens. The budget only changes on statistical evidence about the
-budget in force, counted since the last change:
+It moves a route's thinking **budget** (and, when the route offers more than
+one, the policy's strictness **level**) so that EM stays at the target with
+the fewest tokens: loosen when EM falls, tighten when EM holds. Every change
+rests on a test of the samples taken at the setting in force (the *arm*):
 
-* **Loosen** (quality first, so the test is quick): once the Wilson upper
-  bound (``z_loosen``) of EM at the current budget is below the target, the
-  budget is marked *bad* and the controller goes back to the smallest budget
-  known *good*, or grows by ``loosen`` if none is known.
-* **Tighten** (tokens second, so the test is strict): once the Wilson lower
-  bound (``z_tighten``) is at or above the target, after ``min_samples`` and
-  a ``cooldown``, the budget is marked *good* and shrinks by ``tighten``; if
-  that would reach a known-bad budget, it bisects between bad and good
-  instead, and stops (settled) when they are within ``resolution``.
+* **bad** once the Wilson upper bound (``z_loosen``) of its EM is below the
+  target, after ``min_samples``;
+* **good** once the Wilson lower bound (``z_tighten``) is at or above the
+  target, after ``cooldown`` samples;
+* after ``max_samples`` without either, the arm is within noise of the
+  target and the Wilson lower bound at ``z_decide`` (0: the point estimate)
+  decides.
 
-EM rises with the budget, so this is a noisy bisection for the smallest
-budget that meets the target. Known good and bad budgets are forgotten after
-``memory`` samples, so the controller keeps learning when traffic changes
-(easier traffic lets it tighten again; harder traffic fails the good budget
-and it loosens). ``frozen`` stops all changes (an operator's override).
+**Search.** EM rises with the budget, so the controller bisects for the
+smallest good budget. It remembers ``bad`` (the largest budget shown to miss)
+and ``good`` (the smallest shown to meet). A good arm moves down: to the
+midpoint between ``bad`` and ``good``, or by the factor ``tighten`` while no
+bad budget is known. A bad arm moves up: to the midpoint, or by the factor
+``loosen`` while no good budget is known. The search ends (**settled**) when
+``good - bad`` is at most ``resolution`` of the budget (the *gap*); the
+controller then runs at ``good``.
+
+**Levels.** A stricter level (lower index) at the same budget never spends
+more tokens, so a good arm first tries the next stricter level at the same
+budget; if that level fails, it goes back and stops trying stricter levels
+(until drift or a new target). A bad arm at ``max_budget`` raises the level.
+
+**Settled.** Settled, the controller watches the last ``window`` samples at
+the setting in force, and nothing else moves it. When their Wilson upper
+bound (``z_drift``) falls below the target, the budget in force is marked bad
+and the search re-opens ``drift_step`` gaps above it (a false alarm costs a
+small step; real harder traffic fails that step too and loosens by
+``loosen``). When their Wilson lower bound (``z_drift``) clears the midpoint
+between the target and 1, the search re-opens below (easier traffic).
+
+**Late samples.** A sample taken at another budget or level than the one in
+force (a request that started before the last change) counts toward the
+reporting window (``window_em``) but not toward any decision.
+
+**Target changes.** ``good``, ``bad`` and ``floor_level`` hold only for the
+target they were learned at (``state.target``); when the config's target
+differs, ``step`` forgets them (``retarget``) and tests the setting in force
+against the new target, so a raised target loosens and a lowered one
+tightens.
+
+``frozen`` stops all changes (an operator's override); samples are still
+recorded. ``override_budget`` is the operator's manual move; it resets the
+evidence. docs/controller.md describes every parameter.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
 class ControllerConfig:
+    """The parameters of one route's controller; ``__post_init__`` refuses unsafe values."""
+
     target: float = 0.8
     min_budget: int = 8
     max_budget: int = 400
-    min_samples: int = 20
-    cooldown: int = 10
+    levels: int = 1
+    min_samples: int = 10
+    cooldown: int = 20
+    max_samples: int = 80
     z_tighten: float = 1.645
     z_loosen: float = 1.0
-    min_loosen_samples: int = 8
-    tighten: float = 0.8
-    loosen: float = 1.3
+    z_decide: float = 0.0
+    z_drift: float = 2.5
+    tighten: float = 0.5
+    loosen: float = 2.0
     resolution: float = 0.05
-    memory: int = 1500
     window: int = 50
+    drift_step: int = 1
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target <= 1.0:
             raise ValueError(f"target: must be in (0, 1], got {self.target}")
-        if not 1 <= self.min_budget <= self.max_budget:
-            raise ValueError(f"min_budget/max_budget: need 1 <= min <= max, got {self.min_budget} > {self.max_budget}")
-        if not 0.0 < self.tighten < 1.0 or self.loosen <= 1.0:
-            raise ValueError("tighten must be in (0, 1) and loosen > 1")
-        if self.min_samples < 1 or self.min_loosen_samples < 1 or self.window < 1 or self.memory < 1:
-            raise ValueError("min_samples, min_loosen_samples, window and memory must be >= 1")
+        if self.min_budget < 1:
+            raise ValueError(f"min_budget: must be >= 1, got {self.min_budget}")
+        if self.min_budget > self.max_budget:
+            raise ValueError(
+                f"min_budget/max_budget: budget bounds with min > max ({self.min_budget} > {self.max_budget})"
+            )
+        if self.levels < 1:
+            raise ValueError(f"levels: must be >= 1, got {self.levels}")
+        if self.min_samples < 1:
+            raise ValueError(f"min_samples: must be >= 1, got {self.min_samples}")
+        if self.cooldown < self.min_samples:
+            raise ValueError(f"cooldown: must be >= min_samples ({self.min_samples}), got {self.cooldown}")
+        if self.max_samples < self.cooldown:
+            raise ValueError(f"max_samples: must be >= cooldown ({self.cooldown}), got {self.max_samples}")
+        for name in ("z_tighten", "z_loosen", "z_decide", "z_drift"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < self.tighten < 1.0:
+            raise ValueError(f"tighten: must be in (0, 1), got {self.tighten}")
+        if self.loosen <= 1.0:
+            raise ValueError(f"loosen: must be > 1, got {self.loosen}")
+        if not 0.0 <= self.resolution < 1.0:
+            raise ValueError(f"resolution: must be in [0, 1), got {self.resolution}")
+        if self.window < 1:
+            raise ValueError(f"window: must be >= 1, got {self.window}")
+        if self.drift_step < 1:
+            raise ValueError(f"drift_step: must be >= 1, got {self.drift_step}")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One EM observation: was the answer correct, and at which budget and level did the request run."""
+
+    correct: bool
+    budget: int
+    level: int = 0
+    source: str = "gold"
 
 
 @dataclass(frozen=True)
 class ControllerState:
+    """Everything the controller knows about one route; JSON-serialisable via ``state_to_dict``."""
+
     budget: int
-    hits: int = 0  # correct samples at the current budget, since it was set
-    n: int = 0  # samples at the current budget
-    since_change: int = 0
-    good: int | None = None  # smallest budget whose EM was shown to meet the target
-    bad: int | None = None  # largest budget whose EM was shown to miss it
-    age: int = 0  # samples since good/bad were learned
-    window: tuple[bool, ...] = ()  # the last ``config.window`` outcomes, for reporting
-    last_direction: int = 0  # +1 loosened, -1 tightened
-    adjustments: int = 0
+    level: int = 0
+    hits: int = 0  # correct samples at the setting in force, since it was set
+    n: int = 0  # samples at the setting in force, since it was set
+    recent: tuple[bool, ...] = ()  # the last ``window`` outcomes at the setting in force (drift checks)
+    good: int | None = None  # smallest budget shown to meet the target (at this level)
+    bad: int | None = None  # largest budget shown to miss it (at this level)
+    floor_level: int = 0  # stricter levels than this were shown to miss
+    probing_level: bool = False  # the setting in force is a stricter-level trial at the same budget
+    settled: bool = False
+    target: float | None = None  # the target that good/bad/floor_level hold for
+    window: tuple[bool, ...] = ()  # the last ``window`` outcomes at any setting (reporting)
+    samples: int = 0  # samples seen in all
+    last_direction: int = 0  # +1 last budget move was up, -1 down
+    adjustments: int = 0  # changes of budget or level
+    reversals: int = 0  # budget moves opposite to the previous one
     frozen: bool = False
 
     @property
     def window_em(self) -> float:
+        """EM over the reporting window (NaN when empty)."""
         return sum(self.window) / len(self.window) if self.window else math.nan
 
 
-def initial_state(config: ControllerConfig) -> ControllerState:
-    """Cold start: the maximum budget, where EM is as high as the model gets."""
-    return ControllerState(budget=config.max_budget)
-
-
 def wilson(hits: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson score interval of a proportion."""
+    """Wilson score interval of a proportion; (0, 1) when ``n`` is 0."""
     if n == 0:
         return 0.0, 1.0
     p = hits / n
@@ -89,54 +160,205 @@ def wilson(hits: int, n: int, z: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def _move(state: ControllerState, budget: int, direction: int, **known: int | None) -> ControllerState:
+def window_interval(state: ControllerState, z: float = 1.96) -> tuple[float, float]:
+    """Wilson interval of EM over the reporting window."""
+    return wilson(sum(state.window), len(state.window), z)
+
+
+def initial_state(config: ControllerConfig) -> ControllerState:
+    """Cold start: the maximum budget at the loosest level, where EM is as high as the model gets."""
+    return ControllerState(budget=config.max_budget, level=config.levels - 1, target=config.target)
+
+
+def override_budget(
+    state: ControllerState, budget: int, config: ControllerConfig, level: int | None = None
+) -> ControllerState:
+    """The operator's manual move: run at ``budget`` (clamped to the bounds) and start learning afresh.
+
+    The evidence about the old setting and the known good and bad budgets are
+    dropped, so the next changes rest only on samples taken at the new
+    setting. ``frozen`` is kept: freeze to pin the budget.
+    """
+    budget = min(config.max_budget, max(config.min_budget, budget))
+    new_level = state.level if level is None else min(config.levels - 1, max(0, level))
     return replace(
-        state,
+        _forget(state, config),
         budget=budget,
+        level=new_level,
         hits=0,
         n=0,
-        since_change=0,
-        last_direction=direction,
-        adjustments=state.adjustments + 1,
-        **known,  # type: ignore[arg-type]
+        recent=(),
+        last_direction=0,
+        adjustments=state.adjustments + int((budget, new_level) != (state.budget, state.level)),
     )
 
 
-def step(state: ControllerState, correct: bool, config: ControllerConfig) -> ControllerState:
-    """Fold one EM sample (taken at ``state.budget``) into the state."""
-    window = (*state.window, correct)[-config.window :]
-    s = replace(
+def set_frozen(state: ControllerState, frozen: bool) -> ControllerState:
+    """Freeze (no changes, samples still recorded) or unfreeze the controller."""
+    return replace(state, frozen=frozen)
+
+
+def retarget(state: ControllerState, config: ControllerConfig) -> ControllerState:
+    """Forget what was learned under another target; keep the evidence about the setting in force.
+
+    ``step`` calls this itself when ``config.target`` differs from
+    ``state.target``; the admin API may call it at once after a change.
+    """
+    if state.target == config.target:
+        return state
+    return _forget(state, config)
+
+
+def _forget(state: ControllerState, config: ControllerConfig) -> ControllerState:
+    return replace(
         state,
-        hits=state.hits + int(correct),
-        n=state.n + 1,
-        since_change=state.since_change + 1,
-        age=state.age + 1,
-        window=window,
+        good=None,
+        bad=None,
+        floor_level=0,
+        probing_level=False,
+        settled=False,
+        target=config.target,
     )
-    if s.age >= config.memory:
-        s = replace(s, good=None, bad=None, age=0)
+
+
+def step(state: ControllerState, sample: Sample, config: ControllerConfig) -> ControllerState:
+    """Fold one EM sample into the state, and change the setting when the evidence says so."""
+    s = replace(state, window=(*state.window, sample.correct)[-config.window :], samples=state.samples + 1)
     if s.frozen:
         return s
+    s = retarget(s, config)
+    if (sample.budget, sample.level) != (s.budget, s.level):
+        return s  # a late sample: it says nothing about the setting in force
+    s = replace(
+        s,
+        hits=s.hits + int(sample.correct),
+        n=s.n + 1,
+        recent=(*s.recent, sample.correct)[-config.window :],
+    )
+    if s.settled:
+        return _watch(s, config)
+    return _search(s, config)
 
-    _, upper = wilson(s.hits, s.n, config.z_loosen)
-    if s.n >= config.min_loosen_samples and upper < config.target:
-        bad = s.budget
-        good = s.good if s.good is not None and s.good > bad else None
-        target = good if good is not None else min(config.max_budget, math.ceil(bad * config.loosen))
-        if target <= s.budget:
-            return s  # already at the maximum
-        return _move(s, target, +1, bad=bad, good=good, age=0)
 
-    lower, _ = wilson(s.hits, s.n, config.z_tighten)
-    if s.n >= config.min_samples and s.since_change >= config.cooldown and lower >= config.target:
-        good = s.budget
-        floor = s.bad if s.bad is not None and s.bad < good else config.min_budget - 1
-        candidate = max(config.min_budget, math.floor(good * config.tighten))
-        if candidate <= floor:
-            if good - floor <= max(1, config.resolution * good):
-                return replace(s, good=good)  # settled: the next budget down is known to miss
-            candidate = (floor + good + 1) // 2
-        if candidate >= good:
-            return replace(s, good=good)
-        return _move(s, candidate, -1, good=good, bad=s.bad if s.bad is not None and s.bad < candidate else None)
+def _watch(s: ControllerState, config: ControllerConfig) -> ControllerState:
+    """Settled: re-open the search only when the recent window drifts clearly off the target."""
+    hits, n = sum(s.recent), len(s.recent)
+    if n >= config.window and wilson(hits, n, config.z_drift)[1] < config.target:
+        # EM fell: the budget in force is bad now, and what was good above it is stale. A
+        # false alarm is likelier than a large shift, so take one small step up first; if
+        # that step fails too, the search loosens by ``loosen`` from there.
+        step_up = min(config.max_budget, s.budget + config.drift_step * _settle_gap(s.budget, config))
+        if step_up == s.budget:
+            return _loosen(replace(s, settled=False, good=None, floor_level=0), config)
+        return _move(replace(s, settled=False), step_up, s.level, good=None, bad=s.budget, floor_level=0)
+    headroom = config.target + (1.0 - config.target) / 2
+    if n >= config.window and wilson(hits, n, config.z_drift)[0] >= headroom:
+        # Easier traffic: bisect again, between this budget and ``tighten`` times it.
+        below = max(config.min_budget - 1, math.floor(s.budget * config.tighten))
+        return _tighten(replace(s, settled=False, bad=below, floor_level=0), config)
     return s
+
+
+def _search(s: ControllerState, config: ControllerConfig) -> ControllerState:
+    lower = wilson(s.hits, s.n, config.z_tighten)[0]
+    upper = wilson(s.hits, s.n, config.z_loosen)[1]
+    if s.n >= config.min_samples and upper < config.target:
+        return _loosen(s, config)
+    if s.n >= config.cooldown and lower >= config.target:
+        return _tighten(s, config)
+    if s.n >= config.max_samples:
+        # Within noise of the target: more samples would cost more than they tell, so the
+        # point estimate decides.
+        good = wilson(s.hits, s.n, config.z_decide)[0] >= config.target
+        return _tighten(s, config) if good else _loosen(s, config)
+    return s
+
+
+def _settle_gap(budget: int, config: ControllerConfig) -> int:
+    return max(1, math.ceil(config.resolution * budget))
+
+
+def _move(s: ControllerState, budget: int, level: int, **changes: Any) -> ControllerState:
+    direction = (budget > s.budget) - (budget < s.budget)
+    reversed_ = direction != 0 and s.last_direction != 0 and direction != s.last_direction
+    return replace(
+        s,
+        budget=budget,
+        level=level,
+        hits=0,
+        n=0,
+        recent=(),
+        last_direction=direction or s.last_direction,
+        adjustments=s.adjustments + 1,
+        reversals=s.reversals + int(reversed_),
+        **changes,
+    )
+
+
+def _tighten(s: ControllerState, config: ControllerConfig) -> ControllerState:
+    """The arm in force is good: try a stricter level, else a smaller budget, else settle."""
+    s = replace(s, good=s.budget, probing_level=False)
+    if s.level > s.floor_level:
+        # Budgets shown bad at this level stay bad at a stricter one; good ones must be shown again.
+        return _move(s, s.budget, s.level - 1, probing_level=True)
+    return _budget_down(s, config)
+
+
+def _budget_down(s: ControllerState, config: ControllerConfig) -> ControllerState:
+    """``s.budget`` is good at ``s.level``: bisect towards ``bad``, or shrink by ``tighten``, or settle."""
+    if s.bad is not None:
+        if s.budget - s.bad <= _settle_gap(s.budget, config):
+            return replace(s, settled=True)
+        return _move(s, (s.bad + s.budget + 1) // 2, s.level)
+    candidate = max(config.min_budget, math.floor(s.budget * config.tighten))
+    if candidate >= s.budget:
+        return replace(s, settled=True)
+    return _move(s, candidate, s.level)
+
+
+def _loosen(s: ControllerState, config: ControllerConfig) -> ControllerState:
+    """The arm in force is bad: undo a level trial, else a larger budget, else a looser level."""
+    if s.probing_level:
+        # The stricter level misses at this budget, which is good at the level above: go back
+        # there, stop trying stricter levels, and go on with the budget search.
+        back = s.level + 1
+        s = replace(s, level=back, probing_level=False, floor_level=back, adjustments=s.adjustments + 1)
+        return _budget_down(s, config)
+    s = replace(s, bad=s.budget)
+    if s.good is not None and s.good > s.budget:
+        if s.good - s.budget <= _settle_gap(s.good, config):
+            return _move(s, s.good, s.level, settled=True)
+        return _move(s, (s.budget + s.good + 1) // 2, s.level)
+    if s.budget < config.max_budget:
+        return _move(s, min(config.max_budget, math.ceil(s.budget * config.loosen)), s.level, good=None)
+    if s.level < config.levels - 1:
+        # Even the maximum budget misses at this level: a looser level starts a new search.
+        return _move(s, s.budget, s.level + 1, good=None, bad=None, floor_level=s.level + 1)
+    # Nothing looser exists: stay at the loosest setting, and keep testing it.
+    return replace(s, good=None, bad=None, hits=0, n=0, recent=())
+
+
+_TUPLES = ("recent", "window")
+
+
+def state_to_dict(state: ControllerState) -> dict[str, Any]:
+    """A JSON-compatible dict of the state (tuples become lists)."""
+    out = asdict(state)
+    for name in _TUPLES:
+        out[name] = list(out[name])
+    return out
+
+
+def state_from_dict(data: Mapping[str, Any]) -> ControllerState:
+    """Rebuild a state from ``state_to_dict``'s output; unknown keys are refused, missing ones default."""
+    known = {f.name for f in fields(ControllerState)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"controller state: unknown keys {sorted(unknown)}")
+    if "budget" not in data:
+        raise ValueError("controller state: missing key 'budget'")
+    values = dict(data)
+    for name in _TUPLES:
+        if name in values:
+            values[name] = tuple(bool(x) for x in values[name])
+    return ControllerState(**values)

@@ -1,4 +1,4 @@
-"""Run an ASGI app under a real uvicorn server in a background thread."""
+"""Run an ASGI app under a real uvicorn server in a background thread (the demo and the tests)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def serve_in_thread(app: Any, *, port: int | None = None) -> Iterator[str]:
     deadline = time.monotonic() + 10
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
+            raise RuntimeError("the in-thread server did not start")
         time.sleep(0.01)
     try:
         yield f"http://127.0.0.1:{port}"

@@ -1,0 +1,131 @@
+"""The admin API: read and steer each route's controller, upload reference sets.
+
+Off unless ``admin_key`` is set. Every path under ``/admin`` first checks the
+key (``Authorization: Bearer <key>`` or ``x-admin-key``), so a caller without
+it gets 401 whether or not the path exists: nothing about the admin surface
+leaks. Bad input is a 400 that names the field, and changes nothing.
+
+    GET  /admin/routes                          every route's state
+    GET  /admin/routes/{route}                  budget, strictness, EM window + Wilson interval,
+                                                samples by source, evaluation share used
+    POST /admin/routes/{route}/freeze           stop the controller moving (and /unfreeze)
+    PUT  /admin/routes/{route}/budget           {"budget": 96}: an operator's override
+    PUT  /admin/routes/{route}/target           {"target": 0.9}
+    PUT  /admin/routes/{route}/references/{name}  a JSONL reference set (the body), validated whole
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from gateway.control.plane import ControlPlane
+from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.evaluation import ReferenceSetError
+from gateway.protocol import parse_json_body
+
+router = APIRouter(prefix="/admin")
+
+# Reference uploads may be larger than a chat request.
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_admin_key"
+
+
+class AdminDisabled(GatewayError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "not_found"
+
+
+def _plane(request: Request) -> ControlPlane:
+    """The control plane, once the caller has shown the admin key."""
+    services = request.app.state.services
+    key = services.settings.admin_key
+    if key is None:
+        raise AdminDisabled("Not Found")
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-admin-key", "")
+    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+        raise Unauthorized("A valid admin key is required (Authorization: Bearer <key>).")
+    plane: ControlPlane = services.control
+    return plane
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > 1_000_000:
+        raise PayloadTooLarge("The admin request body exceeds 1000000 bytes.")
+    return parse_json_body(raw)
+
+
+def _number(body: dict[str, Any], name: str, kind: type) -> Any:
+    value = body.get(name)
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if isinstance(value, bool) or not ok:
+        raise InvalidRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}.", param=name)
+    return value
+
+
+@router.get("/routes")
+async def list_routes(request: Request) -> dict[str, Any]:
+    plane = _plane(request)
+    return {"routes": [plane.snapshot(name) for name in plane.routes]}
+
+
+@router.get("/routes/{route}")
+async def get_route(request: Request, route: str) -> dict[str, Any]:
+    return _plane(request).snapshot(route)
+
+
+@router.post("/routes/{route}/freeze")
+async def freeze(request: Request, route: str) -> dict[str, Any]:
+    return _plane(request).freeze(route, True)
+
+
+@router.post("/routes/{route}/unfreeze")
+async def unfreeze(request: Request, route: str) -> dict[str, Any]:
+    return _plane(request).freeze(route, False)
+
+
+@router.put("/routes/{route}/budget")
+async def set_budget(request: Request, route: str) -> dict[str, Any]:
+    plane = _plane(request)
+    return plane.set_budget(route, _number(await _json(request), "budget", int))
+
+
+@router.put("/routes/{route}/target")
+async def set_target(request: Request, route: str) -> dict[str, Any]:
+    plane = _plane(request)
+    return plane.set_target(route, float(_number(await _json(request), "target", float)))
+
+
+@router.put("/routes/{route}/references/{name}")
+async def upload_references(request: Request, route: str, name: str) -> dict[str, Any]:
+    plane = _plane(request)
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
+        raise PayloadTooLarge(f"The reference set is {declared} bytes; the limit is {MAX_UPLOAD_BYTES}.")
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"The reference set is not UTF-8 (byte {exc.start}).", param="body") from exc
+    try:
+        return plane.upload(route, name, text)
+    except ReferenceSetError as exc:
+        raise InvalidRequest(f"The reference set was rejected, nothing was loaded:\n{exc}", param="body") from exc
+
+
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+async def unknown(request: Request, rest: str) -> JSONResponse:
+    """Any other admin path: 401 without the key (so nothing leaks), 404 with it."""
+    _plane(request)
+    raise AdminDisabled(f"No admin endpoint {request.method} /admin/{rest}.")

@@ -1,0 +1,479 @@
+"""The control plane: EM samples in, budgets out, per route.
+
+For each route with a ``control`` block it keeps the controller's state, the
+route's reference items and the evaluation spend, and it runs the evaluation
+work (docs/controller.md):
+
+* ``gold``: a live request that names a reference item (``reference_id``) or
+  whose normalised prompt matches one is scored against the item's answers.
+  It costs nothing extra.
+* ``canary``: a background task replays random reference items through the
+  same generation path, at the route's current settings, greedy.
+* ``shadow``: a sampled share of early-stopped live requests with no
+  reference item is rerun at the route's maximum budget with no early stop;
+  the sample is EM(early answer, full answer).
+
+Canary and shadow runs together spend at most ``eval_share`` of the live
+tokens (generated tokens, both sides; checked before each run, so the spend
+overshoots by at most one run), are skipped while ``eval_max_in_flight`` live
+requests run, and carry vLLM's ``priority`` when ``eval_priority`` is set.
+
+Only samples taken at the controller's own settings are fed to it: a request
+that overrides the policy, its parameters or the budget is scored for the
+window and the counts but does not move the budget.
+
+Every state change is saved to the store with the sample that caused it, in
+one transaction, so a restart resumes where the route was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gateway.control.controller import (
+    ControllerConfig,
+    ControllerState,
+    Sample,
+    initial_state,
+    override_budget,
+    retarget,
+    state_from_dict,
+    state_to_dict,
+    step,
+    wilson,
+)
+from gateway.control.store import SampleRecord, Store
+from gateway.errors import GatewayError, InvalidRequest
+from gateway.evaluation import (
+    ReferenceItem,
+    ReferenceSet,
+    ReferenceSetError,
+    exact_match,
+    get_extractor,
+    get_normalizer,
+    load_reference_file,
+    parse_reference_lines,
+)
+from gateway.evaluation.matching import ReferenceIndex, messages_key, prompt_key
+from gateway.metrics import Metrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from gateway.serving import Controlled, Generation, RequestContext
+from gateway.settings import ConfigError, RouteConfig, RoutesConfig, Settings
+
+log = logging.getLogger("stopgate.control")
+
+# Sources of EM samples.
+GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
+# Stop reasons that mean the request did not run its reasoning to the end.
+NOT_EARLY = frozenset({"finished"})
+
+
+class NotFound(GatewayError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "not_found"
+
+
+@dataclass
+class RouteControl:
+    """One route's controller, references and counters."""
+
+    route: RouteConfig
+    config: ControllerConfig | None  # None: the route has no controller, only references
+    state: ControllerState | None
+    references: ReferenceIndex = field(default_factory=ReferenceIndex)
+    counts: Counter[str] = field(default_factory=Counter)
+    eval_tokens: Counter[str] = field(default_factory=Counter)
+
+    def controlled(self) -> Controlled | None:
+        if self.config is None or self.state is None:
+            return None
+        strictness = self.route.control.strictness if self.route.control is not None else None
+        if strictness is None:
+            return Controlled(self.state.budget)
+        level = min(self.state.level, len(strictness.values) - 1)
+        return Controlled(self.state.budget, level, strictness.param, strictness.values[level])
+
+
+def controller_config(route: RouteConfig, target: float | None = None) -> ControllerConfig:
+    control = route.control
+    assert control is not None
+    levels = len(control.strictness.values) if control.strictness is not None else 1
+    fields: dict[str, Any] = {
+        **control.params,
+        "target": control.target if target is None else target,
+        "min_budget": control.min_budget,
+        "max_budget": route.max_budget,
+        "levels": levels,
+    }
+    try:
+        return ControllerConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"routes.{route.name}.control: {exc}") from exc
+
+
+def load_route_references(route: RouteConfig) -> ReferenceIndex:
+    sets = [check_route(route, load_reference_file(path)) for path in route.evaluation.references]
+    try:
+        return ReferenceIndex(tuple(sets))
+    except ValueError as exc:
+        raise ReferenceSetError(route.name, []) from exc
+
+
+def check_route(route: RouteConfig, ref_set: ReferenceSet) -> ReferenceSet:
+    """A set for ``route`` holds only items of that route: anything else is a mistake in the upload."""
+    from gateway.evaluation import ReferenceIssue
+
+    wrong = [
+        ReferenceIssue(number, "route", f"item {item.id!r} belongs to route {item.route!r}, not {route.name!r}")
+        for number, item in enumerate(ref_set, start=1)
+        if item.route != route.name
+    ]
+    if wrong:
+        raise ReferenceSetError(ref_set.source or ref_set.name, wrong)
+    return ref_set
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        settings: Settings,
+        routes: RoutesConfig,
+        store: Store,
+        metrics: Metrics,
+        *,
+        in_flight: Callable[[], int],
+        seed: int | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.in_flight = in_flight
+        self.rng = random.Random(seed)
+        self.live_tokens = 0
+        self.eval_spent = 0
+        self.routes: dict[str, RouteControl] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        for route in routes.routes:
+            config = controller_config(route) if route.control is not None and route.control.enabled else None
+            state = None
+            if config is not None:
+                saved = store.load(route.name)  # {} when only samples were saved (no controller then)
+                state = state_from_dict(saved) if saved else initial_state(config)
+                if saved and config.target != state_target(saved, config):
+                    state = retarget(state, config)
+            try:
+                refs = load_route_references(route)
+            except ReferenceSetError as exc:
+                raise ConfigError(f"routes.{route.name}.evaluation.references: {exc}") from exc
+            rc = RouteControl(route, config, state, refs, counts=Counter(store.counts(route.name)))
+            self.routes[route.name] = rc
+            self._publish(rc)
+
+    # -- the request path -------------------------------------------------
+
+    def controlled(self, route: RouteConfig) -> Controlled | None:
+        return self.routes[route.name].controlled()
+
+    def match(self, route: RouteConfig, request: CompletionRequest | ChatCompletionRequest) -> ReferenceItem | None:
+        """The reference item a live request replays, if any. An unknown explicit id is a 400."""
+        refs = self.routes[route.name].references
+        explicit = request.reference
+        if explicit is not None:
+            item = refs.by_id(explicit)
+            if item is None:
+                raise InvalidRequest(
+                    f"reference_id {explicit!r} is not in the reference sets of route '{route.name}'.",
+                    param="reference_id",
+                )
+            return item
+        if len(refs) == 0:
+            return None
+        if isinstance(request, CompletionRequest):
+            return refs.by_key(prompt_key(request.prompt)) if isinstance(request.prompt, str) else None
+        pairs = [(m.role, m.content) for m in request.messages if isinstance(m.content, str)]
+        return refs.by_key(messages_key(pairs)) if len(pairs) == len(request.messages) else None
+
+    def finished(self, gen: Generation, item: ReferenceItem | None, text: str, upstream: Any) -> None:
+        """A live request has ended well: count its tokens, score it, maybe start a shadow rerun."""
+        rc = self.routes[gen.ctx.route.name]
+        self.live_tokens += gen.accounting.net
+        at_controlled = gen.ctx.controlled is not None and not (
+            gen.ctx.request.stopgate is not None and gen.ctx.request.stopgate.overrides
+        )
+        if item is not None:
+            correct = self._score(rc.route, text, item.answers)
+            self.observe(rc, GOLD, correct, gen, at_controlled, tokens=0, reference_id=item.id)
+            return
+        early = gen.accounting.stop_reason is not None and gen.accounting.stop_reason not in NOT_EARLY
+        share = rc.route.evaluation.shadow_share
+        if early and share > 0 and self.rng.random() < share and self._may_evaluate(rc, SHADOW):
+            self._spawn(self._shadow(rc, gen, text, at_controlled, upstream))
+
+    def observe(
+        self,
+        rc: RouteControl,
+        source: str,
+        correct: bool,
+        gen: Generation,
+        at_controlled: bool,
+        *,
+        tokens: int,
+        reference_id: str | None = None,
+    ) -> None:
+        """Fold one EM sample in: counters always; the controller only for samples at its settings."""
+        route = rc.route.name
+        rc.counts[source] += 1
+        self.metrics.em_samples.labels(route, source, str(correct).lower()).inc()
+        controlled = gen.ctx.controlled
+        budget = gen.spec.budget
+        level = controlled.level if controlled is not None else 0
+        record = SampleRecord(route, source, budget, level, correct, tokens, time.time(), reference_id)
+        if rc.config is None or rc.state is None or not at_controlled:
+            self.store.save(route, state_to_dict(rc.state) if rc.state is not None else {}, record)
+            return
+        rc.state = step(rc.state, Sample(correct, budget, level, source), rc.config)
+        self.store.save(route, state_to_dict(rc.state), record)
+        self._publish(rc)
+
+    # -- evaluation work ----------------------------------------------------
+
+    def _may_evaluate(self, rc: RouteControl, source: str) -> bool:
+        if self.in_flight() >= self.settings.eval_max_in_flight:
+            self.metrics.eval_skipped.labels(rc.route.name, source, "busy").inc()
+            return False
+        if self.eval_spent >= self.settings.eval_share * self.live_tokens:
+            self.metrics.eval_skipped.labels(rc.route.name, source, "share").inc()
+            return False
+        return True
+
+    def _spend(self, rc: RouteControl, source: str, tokens: int) -> None:
+        self.eval_spent += tokens
+        rc.eval_tokens[source] += tokens
+        self.metrics.eval_tokens.labels(rc.route.name, source).inc(tokens)
+
+    def _eval_request(
+        self, request: CompletionRequest | ChatCompletionRequest, **stopgate: Any
+    ) -> CompletionRequest | ChatCompletionRequest:
+        extra: dict[str, Any] = {"stream": False}
+        if self.settings.eval_priority is not None:
+            extra["priority"] = self.settings.eval_priority
+        fields = {**request.model_dump(exclude_unset=True, exclude={"stopgate", "reference_id"}), **extra}
+        if stopgate:
+            fields["stopgate"] = stopgate
+        return type(request).model_validate(fields)
+
+    async def _run(self, upstream: Any, ctx: RequestContext) -> tuple[Generation, str]:
+        gen = Generation(upstream, ctx, vllm=self.settings.upstream_is_vllm)
+        pieces: list[str] = []
+        async for chunk in gen.chunks():
+            pieces.append(choice_text(chunk))
+        return gen, "".join(pieces)
+
+    async def _shadow(self, rc: RouteControl, live: Generation, text: str, at_controlled: bool, upstream: Any) -> None:
+        """Rerun an early-stopped live request at the maximum budget; the sample is EM(early, full)."""
+        route = rc.route
+        request = self._eval_request(live.ctx.request, policy="none", budget=route.max_budget)
+        ctx = RequestContext(live.ctx.endpoint, request, route, f"{live.ctx.request_id}-shadow")
+        full, full_text = await self._run(upstream, ctx)
+        self._spend(rc, SHADOW, full.accounting.net)
+        reference = self._answer(route, full_text)
+        if reference is None:
+            return  # the full run gave no answer either: nothing to compare against
+        correct = self._score(route, text, (reference,))
+        self.observe(rc, SHADOW, correct, live, at_controlled, tokens=full.accounting.net)
+
+    async def canary_once(self, route_name: str, upstream: Any) -> bool:
+        """Replay one random reference item at the route's settings; False if skipped."""
+        rc = self.routes[route_name]
+        items = rc.references.items()
+        if not items or not self._may_evaluate(rc, CANARY):
+            return False
+        item = self.rng.choice(items)
+        request = canary_request(rc.route, item)
+        request = self._eval_request(request)
+        endpoint: Endpoint = "completions" if isinstance(request, CompletionRequest) else "chat"
+        ctx = RequestContext(endpoint, request, rc.route, f"canary-{item.id}-{self.rng.getrandbits(32):08x}")
+        ctx = replace(ctx, controlled=rc.controlled())
+        gen, text = await self._run(upstream, ctx)
+        self._spend(rc, CANARY, gen.accounting.net)
+        self.observe(rc, CANARY, self._score(rc.route, text, item.answers), gen, True, tokens=gen.accounting.net)
+        return True
+
+    async def run_canaries(self, upstream: Any, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """The background loop: each route replays ``canary_per_minute`` items (Poisson arrivals)."""
+        rates = {name: rc.route.evaluation.canary_per_minute for name, rc in self.routes.items()}
+        rates = {name: rate for name, rate in rates.items() if rate > 0}
+        if not rates:
+            return
+        total = sum(rates.values())
+        names, weights = list(rates), list(rates.values())
+        while True:
+            await sleep(self.rng.expovariate(total / 60.0))
+            name = self.rng.choices(names, weights)[0]
+            try:
+                await self.canary_once(name, upstream)
+            except GatewayError as exc:
+                log.warning("canary on route %s failed: %s", name, exc.message)
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        async def guarded() -> None:
+            try:
+                await work
+            except GatewayError as exc:
+                log.warning("evaluation run failed: %s", exc.message)
+            except Exception:
+                log.exception("evaluation run failed")
+
+        task = asyncio.ensure_future(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.store.close()
+
+    # -- scoring ----------------------------------------------------------
+
+    def _score(self, route: RouteConfig, text: str, golds: tuple[str, ...]) -> bool:
+        extractor = get_extractor(route.extractor, route.extractor_pattern)
+        return bool(exact_match(text, golds, extractor=extractor, normalizer=get_normalizer(route.normalizer)))
+
+    def _answer(self, route: RouteConfig, text: str) -> str | None:
+        raw = get_extractor(route.extractor, route.extractor_pattern)(text)
+        return raw if raw else None
+
+    # -- the admin side ---------------------------------------------------
+
+    def get(self, route_name: str) -> RouteControl:
+        rc = self.routes.get(route_name)
+        if rc is None:
+            raise NotFound(f"No route named '{route_name}'. Routes: {', '.join(sorted(self.routes))}.", param="route")
+        return rc
+
+    def _controlled_route(self, route_name: str) -> tuple[RouteControl, ControllerConfig, ControllerState]:
+        rc = self.get(route_name)
+        if rc.config is None or rc.state is None:
+            raise InvalidRequest(f"Route '{route_name}' has no controller (no enabled `control` block).", param="route")
+        return rc, rc.config, rc.state
+
+    def snapshot(self, route_name: str) -> dict[str, Any]:
+        rc = self.get(route_name)
+        out: dict[str, Any] = {
+            "route": route_name,
+            "references": {"sets": list(rc.references.names()), "items": len(rc.references)},
+            "samples": {s: rc.counts.get(s, 0) for s in (GOLD, CANARY, SHADOW)},
+            "eval_tokens": {s: rc.eval_tokens.get(s, 0) for s in (CANARY, SHADOW)},
+            "eval_share": {
+                "limit": self.settings.eval_share,
+                "used": self.eval_spent / self.live_tokens if self.live_tokens else 0.0,
+                "live_tokens": self.live_tokens,
+                "eval_tokens": self.eval_spent,
+            },
+        }
+        if rc.config is None or rc.state is None:
+            out["controller"] = None
+            out["budget"] = rc.route.budget
+            return out
+        state, config = rc.state, rc.config
+        hits, n = sum(state.window), len(state.window)
+        low, high = wilson(hits, n, 1.96)
+        controlled = rc.controlled()
+        out["budget"] = state.budget
+        out["controller"] = {
+            "target": config.target,
+            "budget": state.budget,
+            "min_budget": config.min_budget,
+            "max_budget": config.max_budget,
+            "strictness": None
+            if controlled is None or controlled.param is None
+            else {"param": controlled.param, "value": controlled.value, "level": controlled.level},
+            "frozen": state.frozen,
+            "adjustments": state.adjustments,
+            "window": {"samples": n, "em": hits / n if n else None, "wilson95": [low, high] if n else None},
+            "state": state_to_dict(state),
+        }
+        return out
+
+    def freeze(self, route_name: str, frozen: bool) -> dict[str, Any]:
+        rc, _, state = self._controlled_route(route_name)
+        self._commit(rc, replace(state, frozen=frozen))
+        return self.snapshot(route_name)
+
+    def set_budget(self, route_name: str, budget: int) -> dict[str, Any]:
+        rc, config, state = self._controlled_route(route_name)
+        if not config.min_budget <= budget <= config.max_budget:
+            raise InvalidRequest(
+                f"budget {budget} is outside the route's bounds [{config.min_budget}, {config.max_budget}].",
+                param="budget",
+            )
+        self._commit(rc, override_budget(state, budget, config))
+        return self.snapshot(route_name)
+
+    def set_target(self, route_name: str, target: float) -> dict[str, Any]:
+        rc, _, state = self._controlled_route(route_name)
+        if not 0.0 < target <= 1.0:
+            raise InvalidRequest(f"target {target} must be in (0, 1].", param="target")
+        config = controller_config(rc.route, target)
+        rc.config = config
+        self._commit(rc, retarget(state, config))
+        return self.snapshot(route_name)
+
+    def upload(self, route_name: str, name: str, text: str) -> dict[str, Any]:
+        """Validate a JSONL reference set as a whole and add it (or replace the set of that name)."""
+        rc = self.get(route_name)
+        ref_set = check_route(rc.route, parse_reference_lines(name, text, source=f"upload {name!r}"))
+        try:
+            rc.references = rc.references.replace(ref_set)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="body") from exc
+        return self.snapshot(route_name)
+
+    def _commit(self, rc: RouteControl, state: ControllerState) -> None:
+        self.store.save(rc.route.name, state_to_dict(state))  # first: a failed save changes nothing
+        rc.state = state
+        self._publish(rc)
+
+    def _publish(self, rc: RouteControl) -> None:
+        name = rc.route.name
+        if rc.state is None or rc.config is None:
+            self.metrics.budget.labels(name).set(rc.route.budget)
+            return
+        self.metrics.budget.labels(name).set(rc.state.budget)
+        self.metrics.target_em.labels(name).set(rc.config.target)
+        if rc.state.window:
+            self.metrics.window_em.labels(name).set(sum(rc.state.window) / len(rc.state.window))
+
+
+def state_target(saved: dict[str, Any], config: ControllerConfig) -> float:
+    target = saved.get("target")
+    return float(target) if isinstance(target, int | float) else config.target
+
+
+def canary_request(route: RouteConfig, item: ReferenceItem) -> CompletionRequest | ChatCompletionRequest:
+    common: dict[str, Any] = {"model": route.name, "temperature": 0.0}
+    if item.prompt is not None:
+        return CompletionRequest.model_validate({**common, "prompt": item.prompt})
+    assert item.messages is not None
+    return ChatCompletionRequest.model_validate({**common, "messages": [m.model_dump() for m in item.messages]})
+
+
+def choice_text(chunk: dict[str, Any]) -> str:
+    """The text of choice 0 in a completion or chat chunk."""
+    for choice in chunk.get("choices") or []:
+        if choice.get("index", 0) == 0:
+            if "text" in choice:
+                return str(choice.get("text") or "")
+            delta = choice.get("delta") or choice.get("message") or {}
+            return str(delta.get("content") or "")
+    return ""
