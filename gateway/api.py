@@ -21,7 +21,7 @@ from gateway.control.plane import choice_text
 from gateway.ensemble import EnsembleGeneration, is_ensemble
 from gateway.errors import GatewayError, PayloadTooLarge, UpstreamError, internal_error
 from gateway.evaluation import ReferenceItem
-from gateway.metrics import UNKNOWN_ROUTE
+from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
 from gateway.protocol import Endpoint, parse_json_body, validate_request
 from gateway.services import Services
 from gateway.serving import Generation, RequestContext
@@ -82,7 +82,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     request_id = request_id_of(request)
     headers = {"x-request-id": request_id}
     started = time.monotonic()
-    route_name = UNKNOWN_ROUTE
+    route_name, policy = UNKNOWN_ROUTE, UNKNOWN_POLICY
     metrics.in_flight.inc()
     services.in_flight += 1
     streaming = False  # once the stream starts, its body owns the in-flight count
@@ -101,6 +101,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
             controlled=services.control.controlled(route),
         )
         gen = make_generation(services.upstream, ctx, vllm=services.settings.upstream_is_vllm)
+        policy = gen.policy_name
         if req.stream:
             chunks = gen.chunks()
             first = await _first(chunks)
@@ -120,7 +121,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     except GatewayError as exc:
         if isinstance(exc, UpstreamError):
             metrics.upstream_errors.labels(exc.kind).inc()
-        metrics.requests.labels(route_name, "error", str(exc.status_code)).inc()
+        metrics.requests.labels(route_name, policy, "error", str(exc.status_code)).inc()
         return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
     finally:
         if not streaming:
@@ -183,24 +184,40 @@ async def _sse_body(
 
 
 def _finished(services: Services, gen: AnyGeneration, item: ReferenceItem | None, text: str) -> None:
-    """Hand a successful request to the control plane: live tokens, a gold sample, maybe a shadow rerun."""
-    if isinstance(gen, Generation):
-        services.control.finished(gen, item, text, services.upstream)
-    else:
-        services.control.live_tokens += gen.accounting.net
+    """Hand a successful request to the control plane: live tokens, a gold sample, maybe a shadow rerun.
+
+    Bookkeeping never fails the request it counts: an error here is logged.
+    """
+    try:
+        if isinstance(gen, Generation):
+            services.control.finished(gen, item, text, services.upstream)
+        else:
+            services.control.count_live(gen.ctx.route.name, gen.accounting.net)
+    except Exception:
+        log.exception("evaluation bookkeeping failed for request %s", gen.ctx.request_id)
 
 
 def _record(services: Services, gen: AnyGeneration, code: int, started: float) -> None:
+    try:
+        _observe(services, gen, code, started)
+    except Exception:  # a metric update never fails the request it counts
+        log.exception("recording metrics failed for request %s", gen.ctx.request_id)
+
+
+def _observe(services: Services, gen: AnyGeneration, code: int, started: float) -> None:
     m = services.metrics
     acc = gen.accounting
     route = gen.ctx.route.name
     stop_reason = "error" if code >= 400 else acc.stop_reason or "finished"
-    m.requests.labels(route, stop_reason, str(code)).inc()
+    m.requests.labels(route, gen.policy_name, stop_reason, str(code)).inc()
     m.tokens.labels(route, "prompt").inc(acc.prompt)
     m.tokens.labels(route, "completion").inc(acc.main)
     m.tokens.labels(route, "probe").inc(acc.probe)
     m.tokens.labels(route, "forced").inc(acc.forced)
     m.request_duration.labels(route).observe(time.monotonic() - started)
+    if gen.probes is not None:
+        for seconds in gen.probes.stats.durations:
+            m.probe_duration.labels(route).observe(seconds)
     if acc.first_token_at is not None:
         m.ttft.labels(route).observe(acc.first_token_at - started)
 
@@ -268,4 +285,6 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(generate_latest(_services(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    # Rendering walks every series: do it off the event loop so a scrape never stalls requests.
+    body = await anyio.to_thread.run_sync(generate_latest, _services(request).metrics.registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

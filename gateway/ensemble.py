@@ -17,6 +17,7 @@ from typing import Any
 from gateway.chunks import ResponseBuilder
 from gateway.errors import InvalidRequest
 from gateway.evaluation import get_extractor, get_normalizer
+from gateway.probes import Probes
 from gateway.protocol import StopgateOptions
 from gateway.serving import Accounting, Generation, RequestContext, StopSpec, resolve_stop_spec
 from gateway.upstream import Upstream
@@ -38,6 +39,8 @@ class EnsembleGeneration:
         if ctx.request.n != 1:
             raise InvalidRequest("policy 'ensemble' draws its own samples; send n=1.", param="n")
         self.accounting = Accounting()
+        self.policy_name = "ensemble"
+        self.probes: Probes | None = None  # samples stop by themselves; the ensemble runs no probes of its own
         self.votes: list[str | None] = []
         self._extract = get_extractor(ctx.route.extractor, ctx.route.extractor_pattern)
         self._normalize = get_normalizer(ctx.route.normalizer)

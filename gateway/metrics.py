@@ -15,28 +15,34 @@ DURATION_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 UNKNOWN_ROUTE = "unknown"
+UNKNOWN_POLICY = "unknown"  # the request failed before its policy was known
+
+
+# Probes are a few tokens each: milliseconds on a GPU, up to seconds on a busy CPU.
+PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# Token kinds: what the client sees (prompt, completion), what the gateway added
+# around it (probe, forced), and evaluation work (canary, shadow).
+TOKEN_KINDS = ("prompt", "completion", "probe", "forced", "canary", "shadow")
 
 
 class Metrics:
+    """Every metric, registered on ``registry`` (a fresh one per app, so tests never share counters)."""
+
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        # -- requests -------------------------------------------------------
         self.requests = Counter(
             "stopgate_requests",
-            "Requests answered, by route, stop reason and HTTP status.",
-            ["route", "stop_reason", "code"],
-            registry=r,
-        )
-        self.tokens = Counter(
-            "stopgate_tokens",
-            "Tokens by route and kind (prompt, completion).",
-            ["route", "kind"],
+            "Requests answered, by route, policy, stop reason and HTTP status.",
+            ["route", "policy", "stop_reason", "code"],
             registry=r,
         )
         self.upstream_errors = Counter(
             "stopgate_upstream_errors", "Failed upstream calls, by kind.", ["kind"], registry=r
         )
-        self.in_flight = Gauge("stopgate_in_flight_requests", "Requests being served now.", registry=r)
+        self.in_flight = Gauge("stopgate_in_flight_requests", "Live requests being served now.", registry=r)
         self.request_duration = Histogram(
             "stopgate_request_duration_seconds",
             "Time from request to last byte, by route.",
@@ -51,25 +57,54 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
-        # EM sampling and the controller (issue 5).
-        self.em_samples = Counter(
-            "stopgate_em_samples",
-            "EM samples by route, source (gold, canary, shadow) and outcome.",
-            ["route", "source", "correct"],
+        self.probe_duration = Histogram(
+            "stopgate_probe_duration_seconds",
+            "Time one answer probe took, by route.",
+            ["route"],
+            buckets=PROBE_BUCKETS,
             registry=r,
         )
-        self.eval_tokens = Counter(
-            "stopgate_eval_tokens",
-            "Tokens spent on evaluation work (canary replays, shadow reruns), by route and source.",
-            ["route", "source"],
+        # -- tokens ---------------------------------------------------------
+        self.tokens = Counter(
+            "stopgate_tokens",
+            "Tokens by route and kind: prompt, completion, probe, forced, canary, shadow.",
+            ["route", "kind"],
+            registry=r,
+        )
+        self.tokens_saved = Counter(
+            "stopgate_tokens_saved",
+            "Estimated generated tokens that early stops saved, by route (from shadow reruns; see the README).",
+            ["route"],
+            registry=r,
+        )
+        # -- EM and the controller ----------------------------------------------
+        self.em_samples = Counter(
+            "stopgate_em_samples",
+            "EM samples by route, source (gold, canary, shadow) and outcome (correct, incorrect).",
+            ["route", "source", "outcome"],
+            registry=r,
+        )
+        self.em_ratio = Gauge("stopgate_em_ratio", "EM over the route's sliding window.", ["route"], registry=r)
+        self.em_lower_bound = Gauge(
+            "stopgate_em_lower_bound", "Wilson 95% lower bound of the window EM.", ["route"], registry=r
+        )
+        self.em_target = Gauge("stopgate_em_target", "The route's target EM.", ["route"], registry=r)
+        self.budget = Gauge("stopgate_budget_tokens", "The thinking budget in force, by route.", ["route"], registry=r)
+        self.adjustments = Counter(
+            "stopgate_controller_adjustments",
+            "Budget or strictness changes by the controller, by route and direction (up: looser, down: tighter).",
+            ["route", "direction"],
+            registry=r,
+        )
+        self.eval_share = Gauge(
+            "stopgate_evaluation_token_share",
+            "Evaluation tokens (canary, shadow) as a share of live generated tokens, by route.",
+            ["route"],
             registry=r,
         )
         self.eval_skipped = Counter(
-            "stopgate_eval_skipped",
+            "stopgate_evaluation_skipped",
             "Evaluation runs not started, by route, source and reason (busy, share).",
             ["route", "source", "reason"],
             registry=r,
         )
-        self.budget = Gauge("stopgate_budget_tokens", "The thinking budget in force, by route.", ["route"], registry=r)
-        self.window_em = Gauge("stopgate_window_em", "EM over the route's sliding window.", ["route"], registry=r)
-        self.target_em = Gauge("stopgate_target_em", "The route's target EM.", ["route"], registry=r)

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 
@@ -43,6 +43,7 @@ class ProbeStats:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    durations: list[float] = field(default_factory=list)  # one per probe that ran, for the latency histogram
 
 
 class Probes:
@@ -133,6 +134,7 @@ class Probes:
         finally:
             elapsed = time.monotonic() - started
             self.stats.seconds += elapsed
+            self.stats.durations.append(elapsed)
             if self.on_duration is not None:
                 self.on_duration(elapsed)
         self.stats.completed += 1

@@ -425,12 +425,17 @@ class Generation:
 
     # -- what the client sees -------------------------------------------
 
+    @property
+    def policy_name(self) -> str:
+        """The policy this request runs (a registry name, so a bounded metric label)."""
+        return self.spec.policy if self.policy is not None else PASSTHROUGH
+
     def extension(self) -> dict[str, Any]:
         acc = self.accounting
         ext: dict[str, Any] = {
             "route": self.ctx.route.name,
             "request_id": self.ctx.request_id,
-            "policy": self.spec.policy if self.policy is not None else PASSTHROUGH,
+            "policy": self.policy_name,
             "stop_reason": acc.stop_reason or "finished",
             "budget": self.spec.budget if self.policy is not None else None,
             "tokens": acc.tokens(),

@@ -181,7 +181,7 @@ def test_no_evaluation_work_while_the_gateway_is_busy(plane_gateway: Any) -> Non
         complete(url, prompt="Q: 9+9=?\n", stopgate={"budget": 3})
         time.sleep(0.3)
         skipped = registry.get_sample_value(
-            "stopgate_eval_skipped_total", {"route": "arith", "source": "shadow", "reason": "busy"}
+            "stopgate_evaluation_skipped_total", {"route": "arith", "source": "shadow", "reason": "busy"}
         )
         assert state(url)["samples"]["shadow"] == 0
     assert skipped == 1

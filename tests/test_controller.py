@@ -221,8 +221,11 @@ def test_goal2_window_em_recovers_within_100_samples_of_harder_traffic() -> None
 
 def test_goal3_window_em_never_long_below_target_minus_0_1() -> None:
     """Goal 3. Criterion: over the whole run (cold start, settle, harder traffic), the window EM is below
-    target - 0.1 for at most 50 consecutive samples, for at least 96% of 50 seeds (measured: 50 of 50)."""
-    passed = [sim.longest_run_below(measured_run(seed).window_em, CONFIG.target - 0.1) <= 50 for seed in SEEDS]
+    target - 0.1 (a window EM of exactly 0.7 is not below) for at most 50 consecutive samples, for at least
+    96% of 50 seeds (measured: 50 of 50)."""
+    passed = [
+        sim.longest_run_below(measured_run(seed).window_em, round(CONFIG.target - 0.1, 9)) <= 50 for seed in SEEDS
+    ]
     assert share(passed) >= 0.96, passed
 
 

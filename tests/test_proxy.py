@@ -160,11 +160,11 @@ def test_ready_is_503_when_the_engine_is_down(gateway_factory: Any) -> None:
 def test_metrics_endpoint_counts_requests(gateway: Gateway) -> None:
     url, _, registry = gateway
     httpx.post(f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x"})
-    labels = {"route": "arith", "stop_reason": "finished", "code": "200"}
+    labels = {"route": "arith", "policy": "none", "stop_reason": "finished", "code": "200"}
     assert registry.get_sample_value("stopgate_requests_total", labels) == 1.0
     assert registry.get_sample_value("stopgate_tokens_total", {"route": "arith", "kind": "completion"}) == 10.0
     text = httpx.get(f"{url}/metrics").text
-    assert 'stopgate_requests_total{code="200",route="arith",stop_reason="finished"} 1.0' in text
+    assert 'stopgate_requests_total{code="200",policy="none",route="arith",stop_reason="finished"} 1.0' in text
 
 
 def test_slow_chunks_still_stream_incrementally(gateway: Gateway) -> None:

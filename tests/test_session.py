@@ -264,7 +264,7 @@ def test_a_policy_that_raises_ends_only_its_request(session_gateway: Any, monkey
             f"{url}/v1/completions", json={"model": "tinyreason", "prompt": PROMPT, "stopgate": {"policy": "exploding"}}
         )
         assert_openai_error(r2, 500, says="policy bug")
-        labels = {"route": "arith", "stop_reason": "error", "code": "500"}
+        labels = {"route": "arith", "policy": "exploding", "stop_reason": "error", "code": "500"}
         assert registry_.get_sample_value("stopgate_requests_total", labels) == 2.0
         complete(url)  # the gateway goes on
 

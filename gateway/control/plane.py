@@ -13,9 +13,9 @@ work (docs/controller.md):
   reference item is rerun at the route's maximum budget with no early stop;
   the sample is EM(early answer, full answer).
 
-Canary and shadow runs together spend at most ``eval_share`` of the live
-tokens (generated tokens, both sides; checked before each run, so the spend
-overshoots by at most one run), are skipped while ``eval_max_in_flight`` live
+Canary and shadow runs of a route together spend at most ``eval_share`` of
+the route's live tokens (generated tokens, both sides; checked before each
+run, so the spend overshoots by at most one run), are skipped while ``eval_max_in_flight`` live
 requests run, and carry vLLM's ``priority`` when ``eval_priority`` is set.
 
 Only samples taken at the controller's own settings are fed to it: a request
@@ -91,6 +91,7 @@ class RouteControl:
     references: ReferenceIndex = field(default_factory=ReferenceIndex)
     counts: Counter[str] = field(default_factory=Counter)
     eval_tokens: Counter[str] = field(default_factory=Counter)
+    live_tokens: int = 0
 
     def controlled(self) -> Controlled | None:
         if self.config is None or self.state is None:
@@ -157,8 +158,6 @@ class ControlPlane:
         self.metrics = metrics
         self.in_flight = in_flight
         self.rng = random.Random(seed)
-        self.live_tokens = 0
-        self.eval_spent = 0
         self.routes: dict[str, RouteControl] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         for route in routes.routes:
@@ -204,7 +203,7 @@ class ControlPlane:
     def finished(self, gen: Generation, item: ReferenceItem | None, text: str, upstream: Any) -> None:
         """A live request has ended well: count its tokens, score it, maybe start a shadow rerun."""
         rc = self.routes[gen.ctx.route.name]
-        self.live_tokens += gen.accounting.net
+        self.count_live(rc.route.name, gen.accounting.net)
         at_controlled = gen.ctx.controlled is not None and not (
             gen.ctx.request.stopgate is not None and gen.ctx.request.stopgate.overrides
         )
@@ -216,6 +215,12 @@ class ControlPlane:
         share = rc.route.evaluation.shadow_share
         if early and share > 0 and self.rng.random() < share and self._may_evaluate(rc, SHADOW):
             self._spawn(self._shadow(rc, gen, text, at_controlled, upstream))
+
+    def count_live(self, route: str, tokens: int) -> None:
+        """Live generated tokens fund evaluation work (``eval_share``)."""
+        rc = self.routes[route]
+        rc.live_tokens += tokens
+        self._publish_share(rc)
 
     def observe(
         self,
@@ -231,7 +236,7 @@ class ControlPlane:
         """Fold one EM sample in: counters always; the controller only for samples at its settings."""
         route = rc.route.name
         rc.counts[source] += 1
-        self.metrics.em_samples.labels(route, source, str(correct).lower()).inc()
+        self.metrics.em_samples.labels(route, source, "correct" if correct else "incorrect").inc()
         controlled = gen.ctx.controlled
         budget = gen.spec.budget
         level = controlled.level if controlled is not None else 0
@@ -239,8 +244,12 @@ class ControlPlane:
         if rc.config is None or rc.state is None or not at_controlled:
             self.store.save(route, state_to_dict(rc.state) if rc.state is not None else {}, record)
             return
-        rc.state = step(rc.state, Sample(correct, budget, level, source), rc.config)
+        before = rc.state
+        rc.state = step(before, Sample(correct, budget, level, source), rc.config)
         self.store.save(route, state_to_dict(rc.state), record)
+        if (rc.state.budget, rc.state.level) != (before.budget, before.level):
+            looser = (rc.state.budget, rc.state.level) > (before.budget, before.level)
+            self.metrics.adjustments.labels(route, "up" if looser else "down").inc()
         self._publish(rc)
 
     # -- evaluation work ----------------------------------------------------
@@ -249,15 +258,15 @@ class ControlPlane:
         if self.in_flight() >= self.settings.eval_max_in_flight:
             self.metrics.eval_skipped.labels(rc.route.name, source, "busy").inc()
             return False
-        if self.eval_spent >= self.settings.eval_share * self.live_tokens:
+        if sum(rc.eval_tokens.values()) >= self.settings.eval_share * rc.live_tokens:
             self.metrics.eval_skipped.labels(rc.route.name, source, "share").inc()
             return False
         return True
 
     def _spend(self, rc: RouteControl, source: str, tokens: int) -> None:
-        self.eval_spent += tokens
         rc.eval_tokens[source] += tokens
-        self.metrics.eval_tokens.labels(rc.route.name, source).inc(tokens)
+        self.metrics.tokens.labels(rc.route.name, source).inc(tokens)
+        self._publish_share(rc)
 
     def _eval_request(
         self, request: CompletionRequest | ChatCompletionRequest, **stopgate: Any
@@ -284,6 +293,11 @@ class ControlPlane:
         ctx = RequestContext(live.ctx.endpoint, request, route, f"{live.ctx.request_id}-shadow")
         full, full_text = await self._run(upstream, ctx)
         self._spend(rc, SHADOW, full.accounting.net)
+        # Each rerun stands for 1/shadow_share early stops like it (a Horvitz-Thompson estimate; runs
+        # skipped for load or share make it an underestimate).
+        saved = full.accounting.net - live.accounting.net
+        if saved > 0:
+            self.metrics.tokens_saved.labels(route.name).inc(saved / route.evaluation.shadow_share)
         reference = self._answer(route, full_text)
         if reference is None:
             return  # the full run gave no answer either: nothing to compare against
@@ -369,6 +383,7 @@ class ControlPlane:
 
     def snapshot(self, route_name: str) -> dict[str, Any]:
         rc = self.get(route_name)
+        spent = sum(rc.eval_tokens.values())
         out: dict[str, Any] = {
             "route": route_name,
             "references": {"sets": list(rc.references.names()), "items": len(rc.references)},
@@ -376,9 +391,9 @@ class ControlPlane:
             "eval_tokens": {s: rc.eval_tokens.get(s, 0) for s in (CANARY, SHADOW)},
             "eval_share": {
                 "limit": self.settings.eval_share,
-                "used": self.eval_spent / self.live_tokens if self.live_tokens else 0.0,
-                "live_tokens": self.live_tokens,
-                "eval_tokens": self.eval_spent,
+                "used": spent / rc.live_tokens if rc.live_tokens else 0.0,
+                "live_tokens": rc.live_tokens,
+                "eval_tokens": spent,
             },
         }
         if rc.config is None or rc.state is None:
@@ -445,14 +460,20 @@ class ControlPlane:
         self._publish(rc)
 
     def _publish(self, rc: RouteControl) -> None:
-        name = rc.route.name
+        m, name = self.metrics, rc.route.name
         if rc.state is None or rc.config is None:
-            self.metrics.budget.labels(name).set(rc.route.budget)
+            m.budget.labels(name).set(rc.route.budget)
             return
-        self.metrics.budget.labels(name).set(rc.state.budget)
-        self.metrics.target_em.labels(name).set(rc.config.target)
+        m.budget.labels(name).set(rc.state.budget)
+        m.em_target.labels(name).set(rc.config.target)
         if rc.state.window:
-            self.metrics.window_em.labels(name).set(sum(rc.state.window) / len(rc.state.window))
+            hits, n = sum(rc.state.window), len(rc.state.window)
+            m.em_ratio.labels(name).set(hits / n)
+            m.em_lower_bound.labels(name).set(wilson(hits, n, 1.96)[0])
+
+    def _publish_share(self, rc: RouteControl) -> None:
+        spent = sum(rc.eval_tokens.values())
+        self.metrics.eval_share.labels(rc.route.name).set(spent / rc.live_tokens if rc.live_tokens else 0.0)
 
 
 def state_target(saved: dict[str, Any], config: ControllerConfig) -> float:
