@@ -42,3 +42,9 @@ def test_gateway_builds_no_app_at_import_time() -> None:
         for node in tree.body:
             if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "app" for t in node.targets):
                 raise AssertionError(f"{path.name} builds an app at import time")
+
+
+def test_the_controller_is_a_pure_step_function() -> None:
+    """DESIGN decision 3: the controller does no I/O; the plane and the store do."""
+    used = {m.split(".")[0] for m in imported_modules(REPO / "gateway" / "control" / "controller.py")}
+    assert used <= {"__future__", "math", "dataclasses", "typing", "collections"}, used

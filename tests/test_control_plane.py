@@ -332,3 +332,40 @@ def test_the_controller_state_survives_a_restart(plane_gateway: Any, tmp_path: P
     assert after["budget"] == before["budget"]
     assert after["samples"] == before["samples"]
     assert after["controller"]["window"] == before["controller"]["window"]
+
+
+# -- the demo ---------------------------------------------------------------------
+
+
+def test_the_demo_drive_loop_and_plot_work_against_a_gateway(plane_gateway: Any, tmp_path: Path) -> None:
+    import asyncio
+
+    from gateway.demo import drive, plot
+    from gateway.evaluation import load_reference_file
+
+    _, start = plane_gateway
+    items = list(load_reference_file(write_jsonl(tmp_path / "items.jsonl", ITEMS)))
+    with start() as (url, _):
+        points = asyncio.run(drive(url, KEY, "arith", items, 30, concurrency=4, retarget_at=20, retarget=0.9))
+    assert [p.sample for p in points] == list(range(1, 31))
+    assert {p.target for p in points[:15]} == {0.8} and points[-1].target == 0.9
+    assert sum(p.correct for p in points) == 10  # the scripted answer is right for a1 only
+    out = tmp_path / "demo.png"
+    plot(points, out, "test")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--target", "1.5"], "--target must be in (0, 1]"),
+        (["--samples", "0"], "--samples and --concurrency must be >= 1"),
+        (["--references", "/nonexistent.jsonl"], "cannot read"),
+    ],
+)
+def test_bad_demo_arguments_are_a_clear_error(args: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    assert main(["demo", *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
