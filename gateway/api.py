@@ -19,11 +19,11 @@ from gateway import sse
 from gateway.chunks import ResponseBuilder
 from gateway.control.plane import choice_text
 from gateway.ensemble import EnsembleGeneration, is_ensemble
-from gateway.errors import GatewayError, PayloadTooLarge, UpstreamError, internal_error
+from gateway.errors import GatewayError, LimitExceeded, PayloadTooLarge, UpstreamError, internal_error
 from gateway.evaluation import ReferenceItem
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
-from gateway.protocol import Endpoint, parse_json_body, validate_request
-from gateway.services import Services
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, parse_json_body, validate_request
+from gateway.services import Services, Ticket
 from gateway.serving import Generation, RequestContext
 from gateway.upstream import Upstream
 
@@ -83,14 +83,17 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     headers = {"x-request-id": request_id}
     started = time.monotonic()
     route_name, policy = UNKNOWN_ROUTE, UNKNOWN_POLICY
-    metrics.in_flight.inc()
-    services.in_flight += 1
-    streaming = False  # once the stream starts, its body owns the in-flight count
+    ticket: Ticket | None = None
     try:
+        principal = services.auth.authenticate(request.headers.get("authorization"))
+        ticket = services.admission.admit()
         body = parse_json_body(await read_body(request, services.settings.max_request_bytes))
         req = validate_request(endpoint, body)
         route = services.route_for(req.model)
         route_name = route.name
+        services.auth.authorize(principal, route.name)
+        check_prompt_size(req, services.settings.max_prompt_chars)
+        ticket.enter_route(route)
         item = services.control.match(route, req)
         ctx = RequestContext(
             endpoint,
@@ -106,11 +109,11 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
             chunks = gen.chunks()
             first = await _first(chunks)
             response: Response = StreamingResponse(
-                _sse_body(first, chunks, gen, services, started, item),
+                _sse_body(first, chunks, gen, services, started, item, ticket),
                 media_type="text/event-stream",
                 headers={**headers, "cache-control": "no-cache"},
             )
-            streaming = True
+            ticket = None  # the stream's body releases it when the stream ends
             return response
         result = await _with_cancellation(request, _collect(gen, endpoint))
         if result is None:
@@ -122,11 +125,26 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
         if isinstance(exc, UpstreamError):
             metrics.upstream_errors.labels(exc.kind).inc()
         metrics.requests.labels(route_name, policy, "error", str(exc.status_code)).inc()
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers={**headers, **exc.headers})
     finally:
-        if not streaming:
-            metrics.in_flight.dec()
-            services.in_flight -= 1
+        if ticket is not None:
+            ticket.release()
+
+
+def check_prompt_size(req: CompletionRequest | ChatCompletionRequest, limit: int) -> None:
+    """The prompt (or the messages' text) in characters, against ``max_prompt_chars``."""
+    if isinstance(req, CompletionRequest):
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            size = len(prompt)
+        else:  # several prompts, or token ids (one each)
+            size = sum(len(p) if isinstance(p, str | list) else 1 for p in prompt)
+        param = "prompt"
+    else:
+        size = sum(len(m.content) if isinstance(m.content, str) else len(str(m.content or "")) for m in req.messages)
+        param = "messages"
+    if size > limit:
+        raise LimitExceeded(f"The prompt has {size} characters; the limit is {limit} (max_prompt_chars).", param=param)
 
 
 async def _first(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any]:
@@ -153,6 +171,7 @@ async def _sse_body(
     services: Services,
     started: float,
     item: ReferenceItem | None,
+    ticket: Ticket,
 ) -> AsyncIterator[bytes]:
     code = 200
     texts = [choice_text(first)]
@@ -176,8 +195,7 @@ async def _sse_body(
         with anyio.CancelScope(shield=True):
             await chunks.aclose()  # type: ignore[attr-defined]
             _record(services, gen, code, started)
-            services.metrics.in_flight.dec()
-            services.in_flight -= 1
+            ticket.release()
             if code == 200:
                 _finished(services, gen, item, "".join(texts))
     yield sse.DONE_EVENT
@@ -250,11 +268,14 @@ async def _disconnected(request: Request) -> None:
 
 @router.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
+    """The model names this caller's key may use."""
     services = _services(request)
+    principal = services.auth.authenticate(request.headers.get("authorization"))
     created = int(time.time())
     data = [
         {"id": name, "object": "model", "created": created, "owned_by": "stopgate", "root": route.upstream_model}
         for route in services.routes.routes
+        if principal.may_use(route.name)
         for name in route.names
     ]
     return {"object": "list", "data": data}
@@ -270,6 +291,8 @@ async def health() -> dict[str, str]:
 async def ready(request: Request) -> JSONResponse:
     """Readiness: the engine answers and serves every route's model."""
     services = _services(request)
+    if services.admission.draining:
+        return JSONResponse({"status": "draining", "reason": "shutting down"}, status_code=503)
     try:
         listing = await services.upstream.get_json("/v1/models", timeout_s=3.0)
     except GatewayError as exc:

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.admin import router as admin_router
 from gateway.api import router
+from gateway.auth import build_authenticator
 from gateway.control.plane import ControlPlane
 from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
@@ -38,6 +39,7 @@ def create_app(
         raise ConfigError("upstream_url: create_app needs an upstream; `stopgate serve` starts the embedded engine")
     routes = settings.load_routes()
     metrics = Metrics(registry)
+    auth = build_authenticator(settings, {route.name for route in routes.routes})
     store = open_store(settings.state_path)
     holder: dict[str, Services] = {}
     try:
@@ -58,7 +60,7 @@ def create_app(
             max_connections=settings.max_upstream_connections,
             transport=transport,
         )
-        services = Services(settings, routes, upstream, metrics, control)
+        services = Services(settings, routes, upstream, metrics, control, auth)
         app.state.services = holder["services"] = services
         canaries = asyncio.ensure_future(control.run_canaries(upstream))
         try:
@@ -79,7 +81,7 @@ def create_app(
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

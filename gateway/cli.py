@@ -15,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 
 from gateway import demo
+from gateway.auth import build_authenticator
 from gateway.engine import EmbeddedEngine, EngineStartError, port_in_use
 from gateway.settings import ConfigError, EngineSettings, Settings, build_settings
 
@@ -37,11 +38,22 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--routes", type=Path, help="routes YAML file")
     p.add_argument("--model-path", type=Path, help="model directory for the embedded engine")
     p.add_argument("--engine-log", type=Path, help="where the embedded engine writes its log")
+    p.add_argument(
+        "--auth", choices=["keys", "off"], help="client authentication (default keys; off only for local demos)"
+    )
+    p.add_argument("--api-keys", type=Path, help="client API keys file (env STOPGATE_API_KEYS_FILE)")
 
 
 def serve(args: argparse.Namespace) -> int:
     try:
-        settings = build_settings(upstream_url=args.upstream, host=args.host, port=args.port, routes_file=args.routes)
+        settings = build_settings(
+            upstream_url=args.upstream,
+            host=args.host,
+            port=args.port,
+            routes_file=args.routes,
+            auth=args.auth,
+            api_keys_file=args.api_keys,
+        )
         engine_overrides = {}
         if args.model_path is not None:
             engine_overrides["model_path"] = args.model_path.expanduser().resolve()
@@ -49,7 +61,8 @@ def serve(args: argparse.Namespace) -> int:
             engine_overrides["log_file"] = args.engine_log
         if engine_overrides:
             settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=engine_overrides)})
-        settings.load_routes()  # fail now, before an engine starts, if routes are bad
+        routes = settings.load_routes()  # fail now, before an engine starts, if routes or keys are bad
+        build_authenticator(settings, {route.name for route in routes.routes})
     except ConfigError as exc:
         return fail(str(exc))
     if port_in_use(settings.host, settings.port):
@@ -110,8 +123,26 @@ def _run_uvicorn(settings: Settings) -> int:
 
     app = create_app(settings)
     # No access log: Prometheus counts requests, and a log line per request costs CPU.
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False)
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+    )
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGINT/SIGTERM: readiness goes false and new requests get 503 while in-flight ones finish."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            services = getattr(app.state, "services", None)
+            if services is not None and not services.admission.draining:
+                services.admission.draining = True
+                log.info("draining: %d requests in flight, up to %.0f s", services.in_flight, settings.drain_timeout_s)
+            super().handle_exit(sig, frame)
+
+    server = DrainingServer(config)
     print(f"stopgate: gateway on http://{settings.host}:{settings.port} -> {settings.upstream_url}", file=sys.stderr)
     server.run()  # handles SIGINT/SIGTERM itself and returns
     return 0 if server.started else 1

@@ -156,7 +156,9 @@ def run(args: argparse.Namespace) -> int:
     admin_key = secrets.token_urlsafe(16)
     engine: EmbeddedEngine | None = None
     try:
-        settings = Settings(upstream_url=args.upstream, admin_key=SecretStr(admin_key), state_path=":memory:")
+        settings = Settings(
+            upstream_url=args.upstream, admin_key=SecretStr(admin_key), state_path=":memory:", auth="off"
+        )
         if settings.upstream_url is None:
             engine = start_engine(settings.engine)
             settings = settings.model_copy(update={"upstream_url": engine.url, "eval_priority": EMBEDDED_EVAL_PRIORITY})

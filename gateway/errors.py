@@ -24,6 +24,7 @@ class GatewayError(Exception):
     status_code = 500
     error_type = "internal_error"
     code: str | None = None
+    headers: dict[str, str] = {}  # sent with the error response (read-only)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -61,6 +62,37 @@ class PayloadTooLarge(GatewayError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class Unauthorized(GatewayError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+    headers = {"www-authenticate": "Bearer"}
+
+
+class Forbidden(GatewayError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "route_not_allowed"
+
+
+class Overloaded(GatewayError):
+    """Too many requests in flight: the client should retry after ``Retry-After`` seconds."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+    headers = {"retry-after": "1"}
+
+
+class Draining(GatewayError):
+    """The gateway is shutting down: another replica should take the request."""
+
+    status_code = 503
+    error_type = "unavailable_error"
+    code = "shutting_down"
+    headers = {"retry-after": "1", "connection": "close"}
 
 
 class UpstreamError(GatewayError):

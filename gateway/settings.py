@@ -8,7 +8,7 @@ variables, then the defaults below. Routes come from a YAML file named by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -109,6 +109,8 @@ class RouteConfig(BaseModel):
     forced_max_tokens: int = Field(default=16, ge=1, le=1024)
     max_probes: int = Field(default=16, ge=0, le=256)
     max_inflight_probes: int = Field(default=2, ge=1, le=16)
+    # Live requests of this route at once (None: only the gateway-wide max_in_flight applies).
+    max_in_flight: int | None = Field(default=None, ge=1)
 
     # EM sampling and the feedback controller (issue 5); no `control` means a fixed budget.
     control: ControlConfig | None = None
@@ -252,6 +254,16 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
     max_n: int = Field(default=8, ge=1)
     log_level: str = "info"
+
+    # Client authentication: "keys" needs api_keys_file (gateway/auth.py); "off" only when set explicitly.
+    auth: Literal["keys", "off"] = "keys"
+    api_keys_file: Path | None = None
+    # Backpressure: past this many live requests in flight the gateway answers 429 with Retry-After.
+    max_in_flight: int = Field(default=256, ge=1)
+    # The prompt (or all message contents) in characters.
+    max_prompt_chars: int = Field(default=200_000, ge=1)
+    # On SIGTERM: how long in-flight requests may take to finish before they are cut.
+    drain_timeout_s: float = Field(default=30.0, ge=0)
 
     # Admin API (/admin/...): off unless a key is set; every call needs `Authorization: Bearer <key>`.
     admin_key: SecretStr | None = None

@@ -24,6 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 # tests of those features turn them on explicitly.
 os.environ.setdefault("STOPGATE_STATE_PATH", ":memory:")
 os.environ.setdefault("STOPGATE_EVAL_SHARE", "0")
+# Authentication has its own tests (tests/test_auth_limits.py); elsewhere it is off, explicitly.
+os.environ.setdefault("STOPGATE_AUTH", "off")
 
 
 @pytest.fixture

@@ -369,3 +369,15 @@ def test_bad_demo_arguments_are_a_clear_error(args: list[str], says: str, capsys
     assert main(["demo", *args]) == 2
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err
+
+
+def test_an_accepted_upload_survives_a_restart(plane_gateway: Any, tmp_path: Path) -> None:
+    _, start = plane_gateway
+    db = str(tmp_path / "state.db")
+    text = json.dumps({"id": "b1", "prompt": "Q: 7+7=?\n", "answers": ["14"], "route": "arith"}) + "\n"
+    with start(state_path=db) as (url, _):
+        r = httpx.put(f"{url}/admin/routes/arith/references/extra", content=text, headers=ADMIN, timeout=10)
+        assert r.status_code == 200
+    with start(state_path=db) as (url, _):
+        assert state(url)["references"] == {"sets": ["refs", "extra"], "items": 4}
+        assert complete(url, reference_id="b1").status_code == 200

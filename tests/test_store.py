@@ -213,6 +213,16 @@ def test_calls_after_close_raise_store_error_and_closing_twice_is_harmless(make_
 # SQLite persistence.
 
 
+def test_reference_sets_are_kept_by_name_in_upload_order(make_store: StoreFactory) -> None:
+    store = make_store()
+    store.save_reference_set("arith", "a", "A1\n")
+    store.save_reference_set("arith", "b", "B1\n")
+    store.save_reference_set("arith", "a", "A2\n")  # a replaced set moves to the end, as the newest upload
+    store.save_reference_set("qa", "a", "Q\n")
+    assert store.reference_sets("arith") == [("b", "B1\n"), ("a", "A2\n")]
+    assert store.reference_sets("qa") == [("a", "Q\n")] and store.reference_sets("none") == []
+
+
 def test_state_and_samples_survive_a_restart(tmp_path: Path) -> None:
     path = tmp_path / "stopgate.db"
     records = [sample("arith", source=s, budget=b) for s, b in [("gold", 120), ("canary", 96), ("shadow", 77)]]
@@ -227,7 +237,10 @@ def test_state_and_samples_survive_a_restart(tmp_path: Path) -> None:
         assert store.samples("arith") == records
         assert store.counts("arith") == {"canary": 1, "gold": 1, "shadow": 1}
         store.save("arith", {"budget": 60})
+        store.save_reference_set("arith", "extra", "{}\n")
     assert raw_query(path, "SELECT route, revision FROM states ORDER BY route") == [("arith", 4), ("qa", 1)]
+    with SQLiteStore(path) as store:
+        assert store.reference_sets("arith") == [("extra", "{}\n")]
 
 
 def test_new_database_is_in_wal_mode_with_the_schema_version(tmp_path: Path) -> None:

@@ -121,11 +121,8 @@ def controller_config(route: RouteConfig, target: float | None = None) -> Contro
 
 
 def load_route_references(route: RouteConfig) -> ReferenceIndex:
-    sets = [check_route(route, load_reference_file(path)) for path in route.evaluation.references]
-    try:
-        return ReferenceIndex(tuple(sets))
-    except ValueError as exc:
-        raise ReferenceSetError(route.name, []) from exc
+    """The route's reference sets from the routes file; a duplicate id across sets raises ValueError."""
+    return ReferenceIndex(tuple(check_route(route, load_reference_file(path)) for path in route.evaluation.references))
 
 
 def check_route(route: RouteConfig, ref_set: ReferenceSet) -> ReferenceSet:
@@ -170,7 +167,10 @@ class ControlPlane:
                     state = retarget(state, config)
             try:
                 refs = load_route_references(route)
-            except ReferenceSetError as exc:
+                for name, body in store.reference_sets(route.name):  # uploads survive restarts
+                    stored = parse_reference_lines(name, body, source=f"stored {name!r}")
+                    refs = refs.replace(check_route(route, stored))
+            except (ReferenceSetError, ValueError) as exc:
                 raise ConfigError(f"routes.{route.name}.evaluation.references: {exc}") from exc
             rc = RouteControl(route, config, state, refs, counts=Counter(store.counts(route.name)))
             self.routes[route.name] = rc
@@ -449,9 +449,11 @@ class ControlPlane:
         rc = self.get(route_name)
         ref_set = check_route(rc.route, parse_reference_lines(name, text, source=f"upload {name!r}"))
         try:
-            rc.references = rc.references.replace(ref_set)
+            references = rc.references.replace(ref_set)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="body") from exc
+        self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
+        rc.references = references
         return self.snapshot(route_name)
 
     def _commit(self, rc: RouteControl, state: ControllerState) -> None:

@@ -87,6 +87,14 @@ class Store(Protocol):
         """Samples ever saved for the route, by source (pruning does not lower them)."""
         ...
 
+    def save_reference_set(self, route: str, name: str, body: str) -> None:
+        """Store an uploaded reference set (JSONL text), replacing one of the same name; durable on return."""
+        ...
+
+    def reference_sets(self, route: str) -> list[tuple[str, str]]:
+        """The route's uploaded reference sets as ``(name, body)``, in upload order."""
+        ...
+
     def close(self) -> None:
         """Release the store; further calls raise ``StoreError``. Closing twice is harmless."""
         ...
@@ -112,10 +120,23 @@ class MemoryStore:
         self._states: dict[str, tuple[str, int, float]] = {}
         self._samples: dict[str, deque[SampleRecord]] = {}
         self._counts: dict[str, Counter[str]] = {}
+        self._references: dict[str, dict[str, str]] = {}
 
     def _check_open(self) -> None:
         if self._closed:
             raise StoreError("memory store: closed")
+
+    def save_reference_set(self, route: str, name: str, body: str) -> None:
+        with self._lock:
+            self._check_open()
+            sets = self._references.setdefault(route, {})
+            sets.pop(name, None)
+            sets[name] = body
+
+    def reference_sets(self, route: str) -> list[tuple[str, str]]:
+        with self._lock:
+            self._check_open()
+            return list(self._references.get(route, {}).items())
 
     def load(self, route: str) -> dict[str, Any] | None:
         with self._lock:
@@ -189,6 +210,13 @@ CREATE TABLE samples (
     reference_id TEXT
 );
 CREATE INDEX samples_route_id ON samples (route, id);
+CREATE TABLE reference_sets (  -- uploaded through the admin API (the routes file's own sets are not copied here)
+    route TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,         -- the JSONL as uploaded (validated before it was stored)
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (route, name)
+);
 CREATE TABLE sample_counts (
     route TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -363,6 +391,37 @@ class SQLiteStore:
                     raise
             except sqlite3.Error as exc:
                 raise StoreError(f"{self.path}: cannot save route {route!r}: {exc}") from exc
+
+    def save_reference_set(self, route: str, name: str, body: str) -> None:
+        with self._lock:
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN IMMEDIATE")  # one transaction, committed before we return
+                try:
+                    conn.execute("DELETE FROM reference_sets WHERE route = ? AND name = ?", (route, name))
+                    conn.execute(
+                        "INSERT INTO reference_sets (route, name, body, updated_at) VALUES (?, ?, ?, ?)",
+                        (route, name, body, time.time()),
+                    )
+                    conn.execute("COMMIT")
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot save reference set {name!r} of route {route!r}: {exc}") from exc
+
+    def reference_sets(self, route: str) -> list[tuple[str, str]]:
+        with self._lock:
+            try:
+                rows = (
+                    self._connection()
+                    .execute("SELECT name, body FROM reference_sets WHERE route = ? ORDER BY rowid", (route,))
+                    .fetchall()
+                )
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.path}: cannot read reference sets of route {route!r}: {exc}") from exc
+        return [(row[0], row[1]) for row in rows]
 
     def _write(self, conn: sqlite3.Connection, route: str, text: str, sample: SampleRecord | None) -> None:
         conn.execute(
