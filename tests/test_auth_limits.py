@@ -239,3 +239,20 @@ def _up(url: str) -> bool:
         return httpx.get(f"{url}/health", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"model": "arith", "prompt": "\xff\xfe"}', "not valid UTF-8"),
+        (b'{"model": "arith", "prompt": "x", "a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests too deeply"),
+        (b"[" * 200_000, "nests too deeply"),
+    ],
+)
+def test_invalid_utf8_and_nesting_bombs_are_400s_and_the_gateway_goes_on(gateway: Any, body: bytes, says: str) -> None:
+    url, engine, _ = gateway
+    r = httpx.post(f"{url}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=10)
+    assert_openai_error(r, 400)
+    assert says in r.json()["error"]["message"]
+    assert post(url).status_code == 200
+    assert len(engine.stats.requests) == 1
