@@ -78,8 +78,6 @@ class ControllerConfig:
     resolution: float = 0.05
     window: int = 50
     drift_step: int = 1
-    max_arms: int = 8
-    memory: int = 400
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target <= 1.0:
@@ -111,10 +109,6 @@ class ControllerConfig:
             raise ValueError(f"window: must be >= 1, got {self.window}")
         if self.drift_step < 1:
             raise ValueError(f"drift_step: must be >= 1, got {self.drift_step}")
-        if self.max_arms < 2:
-            raise ValueError(f"max_arms: must be >= 2, got {self.max_arms}")
-        if self.memory < self.max_samples:
-            raise ValueError(f"memory: must be >= max_samples ({self.max_samples}), got {self.memory}")
 
 
 @dataclass(frozen=True)
@@ -136,7 +130,6 @@ class ControllerState:
     hits: int = 0  # correct samples at the setting in force, since it was set
     n: int = 0  # samples at the setting in force, since it was set
     recent: tuple[bool, ...] = ()  # the last ``window`` outcomes at the setting in force (drift checks)
-    arms: tuple[tuple[int, int, int, int], ...] = ()  # (level, budget, hits, n) per setting tried; see _record
     good: int | None = None  # smallest budget shown to meet the target (at this level)
     bad: int | None = None  # largest budget shown to miss it (at this level)
     floor_level: int = 0  # stricter levels than this were shown to miss
@@ -241,97 +234,19 @@ def step(state: ControllerState, sample: Sample, config: ControllerConfig) -> Co
         hits=s.hits + int(sample.correct),
         n=s.n + 1,
         recent=(*s.recent, sample.correct)[-config.window :],
-        arms=_record(s.arms, s.level, s.budget, sample.correct, config),
     )
     if s.settled:
         return _watch(s, config)
     return _search(s, config)
 
 
-# -- evidence pooled across budgets ---------------------------------------------
-
-
-def _record(
-    arms: tuple[tuple[int, int, int, int], ...], level: int, budget: int, correct: bool, config: ControllerConfig
-) -> tuple[tuple[int, int, int, int], ...]:
-    """Add one outcome to the counters of ``(level, budget)``.
-
-    An arm's counters are halved when they reach ``memory`` samples, so old
-    evidence fades; at most ``max_arms`` arms are kept, dropping those farthest
-    from the setting in force (other levels first).
-    """
-    out = []
-    found = False
-    for lv, b, h, n in arms:
-        if (lv, b) == (level, budget):
-            h, n, found = h + int(correct), n + 1, True
-            if n >= config.memory:
-                h, n = (h + 1) // 2, n // 2
-        out.append((lv, b, h, n))
-    if not found:
-        out.append((level, budget, int(correct), 1))
-    out.sort(key=lambda arm: (arm[0] != level, abs(arm[1] - budget)))
-    return tuple(sorted(out[: config.max_arms]))
-
-
-def _level_arms(s: ControllerState) -> list[tuple[int, int, int]]:
-    return [(b, h, n) for lv, b, h, n in s.arms if lv == s.level]
-
-
-def _pooled_lower(arms: list[tuple[int, int, int]], budget: int, z: float) -> float:
-    """A lower bound on EM(budget): the best Wilson lower bound of the samples pooled over budgets a..budget.
-
-    EM does not fall with the budget, so samples at budgets at or below
-    ``budget`` can only understate EM(budget).
-    """
-    best, hits, n = 0.0, 0, 0
-    for b, h, k in sorted(arms, reverse=True):
-        if b > budget:
-            continue
-        hits, n = hits + h, n + k
-        best = max(best, wilson(hits, n, z)[0])
-    return best
-
-
-def _pooled_upper(arms: list[tuple[int, int, int]], budget: int, z: float) -> float:
-    """An upper bound on EM(budget): the least Wilson upper bound of the samples pooled over budgets budget..c."""
-    best, hits, n = 1.0, 0, 0
-    for b, h, k in sorted(arms):
-        if b < budget:
-            continue
-        hits, n = hits + h, n + k
-        best = min(best, wilson(hits, n, z)[1])
-    return best
-
-
-def _isotonic(arms: list[tuple[int, int, int]]) -> dict[int, float]:
-    """EM per budget tried, fitted non-decreasing in the budget (pool adjacent violators, weighted by samples)."""
-    blocks: list[list[Any]] = []  # [hits, n, budgets]
-    for b, h, n in sorted(arms):
-        blocks.append([h, n, [b]])
-        while len(blocks) > 1 and blocks[-2][0] * blocks[-1][1] > blocks[-1][0] * blocks[-2][1]:
-            h2, n2, b2 = blocks.pop()
-            blocks[-1] = [blocks[-1][0] + h2, blocks[-1][1] + n2, blocks[-1][2] + b2]
-    return {b: h / n for h, n, bs in blocks for b in bs if n}
-
-
-def _smallest_good_above(s: ControllerState, budget: int, config: ControllerConfig) -> int | None:
-    """The smallest remembered budget above ``budget`` whose fitted EM meets the target."""
-    fit = _isotonic(_level_arms(s))
-    return min((b for b, em in fit.items() if b > budget and em >= config.target), default=None)
-
-
-# -- decisions --------------------------------------------------------------------
-
-
 def _watch(s: ControllerState, config: ControllerConfig) -> ControllerState:
-    """Settled: re-open the search when the pooled evidence or the recent window says the budget is off."""
+    """Settled: re-open the search only when the recent window drifts clearly off the target."""
     hits, n = sum(s.recent), len(s.recent)
     if n >= config.window and wilson(hits, n, config.z_drift)[1] < config.target:
         # EM fell: the budget in force is bad now, and what was good above it is stale. A
         # false alarm is likelier than a large shift, so take one small step up first; if
         # that step fails too, the search loosens by ``loosen`` from there.
-        s = replace(s, arms=tuple(a for a in s.arms if (a[0], a[1]) == (s.level, s.budget)))
         step_up = min(config.max_budget, s.budget + config.drift_step * _settle_gap(s.budget, config))
         if step_up == s.budget:
             return _loosen(replace(s, settled=False, good=None, floor_level=0), config)
@@ -340,30 +255,21 @@ def _watch(s: ControllerState, config: ControllerConfig) -> ControllerState:
     if n >= config.window and wilson(hits, n, config.z_drift)[0] >= headroom:
         # Easier traffic: bisect again, between this budget and ``tighten`` times it.
         below = max(config.min_budget - 1, math.floor(s.budget * config.tighten))
-        s = replace(s, arms=tuple(a for a in s.arms if (a[0], a[1]) == (s.level, s.budget)))
         return _tighten(replace(s, settled=False, bad=below, floor_level=0), config)
-    if s.n >= config.min_samples and _pooled_upper(_level_arms(s), s.budget, config.z_loosen) < config.target:
-        # The evidence piled up while settled shows this budget misses, by a little (a large
-        # miss trips the window first): step one gap up, and search from there.
-        step_up = min(config.max_budget, s.budget + _settle_gap(s.budget, config))
-        if step_up == s.budget:
-            return _loosen(replace(s, settled=False, good=None), config)
-        return _move(replace(s, settled=False), step_up, s.level, good=_smallest_good_above(s, step_up - 1, config), bad=s.budget)
     return s
 
 
 def _search(s: ControllerState, config: ControllerConfig) -> ControllerState:
-    arms = _level_arms(s)
-    lower = _pooled_lower(arms, s.budget, config.z_tighten)
-    upper = _pooled_upper(arms, s.budget, config.z_loosen)
+    lower = wilson(s.hits, s.n, config.z_tighten)[0]
+    upper = wilson(s.hits, s.n, config.z_loosen)[1]
     if s.n >= config.min_samples and upper < config.target:
         return _loosen(s, config)
     if s.n >= config.cooldown and lower >= config.target:
         return _tighten(s, config)
     if s.n >= config.max_samples:
         # Within noise of the target: more samples would cost more than they tell, so the
-        # fitted estimate decides.
-        good = _isotonic(arms).get(s.budget, 0.0) >= config.target
+        # point estimate decides.
+        good = wilson(s.hits, s.n, config.z_decide)[0] >= config.target
         return _tighten(s, config) if good else _loosen(s, config)
     return s
 
@@ -440,7 +346,6 @@ def state_to_dict(state: ControllerState) -> dict[str, Any]:
     out = asdict(state)
     for name in _TUPLES:
         out[name] = list(out[name])
-    out["arms"] = [list(arm) for arm in state.arms]
     return out
 
 
@@ -456,6 +361,4 @@ def state_from_dict(data: Mapping[str, Any]) -> ControllerState:
     for name in _TUPLES:
         if name in values:
             values[name] = tuple(bool(x) for x in values[name])
-    if "arms" in values:
-        values["arms"] = tuple((int(a[0]), int(a[1]), int(a[2]), int(a[3])) for a in values["arms"])
     return ControllerState(**values)
