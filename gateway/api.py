@@ -25,12 +25,12 @@ from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, parse_json_body, validate_request
 from gateway.services import Services, Ticket
 from gateway.serving import Generation, RequestContext
-from gateway.upstream import Upstream
+from gateway.upstream import EngineClient
 
 AnyGeneration = Generation | EnsembleGeneration
 
 
-def make_generation(upstream: Upstream, ctx: RequestContext, *, vllm: bool) -> AnyGeneration:
+def make_generation(upstream: EngineClient, ctx: RequestContext, *, vllm: bool) -> AnyGeneration:
     if is_ensemble(ctx):
         return EnsembleGeneration(upstream, ctx, vllm=vllm)
     return Generation(upstream, ctx, vllm=vllm)

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.admin import router as admin_router
 from gateway.api import router
 from gateway.auth import build_authenticator
+from gateway.balancer import UpstreamPool
 from gateway.control.plane import ControlPlane
 from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
@@ -52,13 +53,22 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        assert settings.upstream_url is not None
-        upstream = Upstream(
-            settings.upstream_url,
-            connect_timeout_s=settings.connect_timeout_s,
-            read_timeout_s=settings.read_timeout_s,
-            max_connections=settings.max_upstream_connections,
-            transport=transport,
+        replicas = [
+            Upstream(
+                url,
+                connect_timeout_s=settings.connect_timeout_s,
+                read_timeout_s=settings.read_timeout_s,
+                max_connections=settings.max_upstream_connections,
+                transport=transport,
+            )
+            for url in settings.upstream_urls
+        ]
+        upstream = UpstreamPool(
+            replicas,
+            failures=settings.breaker_failures,
+            cooldown_s=settings.breaker_cooldown_s,
+            retries=settings.upstream_retries,
+            total_timeout_s=settings.total_timeout_s,
         )
         services = Services(settings, routes, upstream, metrics, control, auth)
         app.state.services = holder["services"] = services

@@ -20,14 +20,14 @@ from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
 from gateway.protocol import StopgateOptions
 from gateway.serving import Accounting, Generation, RequestContext, StopSpec, resolve_stop_spec
-from gateway.upstream import Upstream
+from gateway.upstream import EngineClient
 from policies.base import PolicyError
 from policies.ensemble import EnsembleParams, Verdict, judge
 from policies.registry import ensemble_params
 
 
 class EnsembleGeneration:
-    def __init__(self, upstream: Upstream, ctx: RequestContext, *, vllm: bool = True) -> None:
+    def __init__(self, upstream: EngineClient, ctx: RequestContext, *, vllm: bool = True) -> None:
         self.upstream = upstream
         self.ctx = ctx
         self.vllm = vllm

@@ -27,7 +27,7 @@ from gateway.errors import GatewayError
 from gateway.evaluation import Extractor, Normalizer
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
-from gateway.upstream import Upstream
+from gateway.upstream import EngineClient
 from policies.base import ProbeResult
 
 log = logging.getLogger("stopgate.probes")
@@ -49,7 +49,7 @@ class ProbeStats:
 class Probes:
     def __init__(
         self,
-        upstream: Upstream,
+        upstream: EngineClient,
         *,
         endpoint: Endpoint,
         request: CompletionRequest | ChatCompletionRequest,

@@ -10,7 +10,7 @@ from gateway.control.plane import ControlPlane
 from gateway.errors import Draining, Overloaded, UnknownModel
 from gateway.metrics import Metrics
 from gateway.settings import RouteConfig, RoutesConfig, Settings
-from gateway.upstream import Upstream
+from gateway.upstream import EngineClient
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Services:
 
     settings: Settings
     routes: RoutesConfig
-    upstream: Upstream
+    upstream: EngineClient
     metrics: Metrics
     control: ControlPlane
     auth: Authenticator

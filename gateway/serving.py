@@ -28,7 +28,7 @@ from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
-from gateway.upstream import Upstream
+from gateway.upstream import EngineClient
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
 from policies.compose import Bounded
 from policies.registry import build_policy
@@ -191,7 +191,7 @@ class Accounting:
 
 
 class Generation:
-    def __init__(self, upstream: Upstream, ctx: RequestContext, *, vllm: bool = True) -> None:
+    def __init__(self, upstream: EngineClient, ctx: RequestContext, *, vllm: bool = True) -> None:
         self.upstream = upstream
         self.ctx = ctx
         self.vllm = vllm

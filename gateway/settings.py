@@ -250,6 +250,13 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     # Between two bytes of an upstream response: covers time to first token.
     read_timeout_s: float = Field(default=120.0, gt=0)
+    # A whole upstream stream, first byte to last.
+    total_timeout_s: float = Field(default=600.0, gt=0)
+    # Circuit breaker per engine replica: open after this many failures in a row, probe again after the cooldown.
+    breaker_failures: int = Field(default=5, ge=1)
+    breaker_cooldown_s: float = Field(default=5.0, gt=0)
+    # Tries on another replica when a connection fails before the request reached any engine.
+    upstream_retries: int = Field(default=1, ge=0, le=5)
     max_upstream_connections: int = Field(default=512, ge=1)
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
     max_n: int = Field(default=8, ge=1)
@@ -282,9 +289,16 @@ class Settings(BaseSettings):
     def _http_url(cls, v: str | None) -> str | None:
         if v is None or v == "":
             return None
-        if not v.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return v.rstrip("/")
+        urls = [u.strip().rstrip("/") for u in v.split(",")]
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"must be http:// or https:// URLs, comma-separated; got {url!r}")
+        return ",".join(urls)
+
+    @property
+    def upstream_urls(self) -> list[str]:
+        """The engine replicas (``upstream_url`` may list several, comma-separated)."""
+        return self.upstream_url.split(",") if self.upstream_url else []
 
     @field_validator("log_level")
     @classmethod

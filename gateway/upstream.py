@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
 
 import anyio
 import httpx
@@ -53,7 +53,24 @@ def _error_message(status: int, raw: bytes) -> tuple[str, str | None]:
     return json.dumps(body)[:500], None
 
 
+class EngineClient(Protocol):
+    """What the generation code needs from an engine: one ``Upstream`` or a pool of replicas."""
+
+    @property
+    def base_url(self) -> str: ...
+
+    def stream(
+        self, path: str, body: dict[str, Any], *, request_id: str
+    ) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]: ...
+
+    async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Upstream:
+    """One engine over HTTP."""
+
     def __init__(
         self,
         base_url: str,

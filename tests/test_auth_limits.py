@@ -158,7 +158,7 @@ def test_past_max_in_flight_the_gateway_answers_429_with_retry_after(
     fake_engine: tuple[FakeEngine, str], gateway_factory: Any
 ) -> None:
     engine, upstream = fake_engine
-    engine.default = Script(stall_s=1.0)
+    engine.default = Script(stall_s=3.0)
     with gateway_factory(upstream, max_in_flight=2) as (url, registry):
         held = _hold(url, 2)
         assert wait_until(lambda: len(engine.stats.requests) == 2)
@@ -178,7 +178,7 @@ def test_a_route_limit_turns_away_only_that_route(
     fake_engine: tuple[FakeEngine, str], gateway_factory: Any, tmp_path: Path
 ) -> None:
     engine, upstream = fake_engine
-    engine.default = Script(stall_s=1.0)
+    engine.default = Script(stall_s=3.0)
     with gateway_factory(upstream, routes_file=two_routes(tmp_path, max_in_flight=1)) as (url, _):
         held = _hold(url, 1)
         assert wait_until(lambda: len(engine.stats.requests) == 1)

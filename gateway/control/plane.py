@@ -66,6 +66,7 @@ from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.serving import Controlled, Generation, RequestContext
 from gateway.settings import ConfigError, RouteConfig, RoutesConfig, Settings
+from gateway.upstream import EngineClient
 
 log = logging.getLogger("stopgate.control")
 
@@ -200,7 +201,7 @@ class ControlPlane:
         pairs = [(m.role, m.content) for m in request.messages if isinstance(m.content, str)]
         return refs.by_key(messages_key(pairs)) if len(pairs) == len(request.messages) else None
 
-    def finished(self, gen: Generation, item: ReferenceItem | None, text: str, upstream: Any) -> None:
+    def finished(self, gen: Generation, item: ReferenceItem | None, text: str, upstream: EngineClient) -> None:
         """A live request has ended well: count its tokens, score it, maybe start a shadow rerun."""
         rc = self.routes[gen.ctx.route.name]
         self.count_live(rc.route.name, gen.accounting.net)
@@ -279,14 +280,16 @@ class ControlPlane:
             fields["stopgate"] = stopgate
         return type(request).model_validate(fields)
 
-    async def _run(self, upstream: Any, ctx: RequestContext) -> tuple[Generation, str]:
+    async def _run(self, upstream: EngineClient, ctx: RequestContext) -> tuple[Generation, str]:
         gen = Generation(upstream, ctx, vllm=self.settings.upstream_is_vllm)
         pieces: list[str] = []
         async for chunk in gen.chunks():
             pieces.append(choice_text(chunk))
         return gen, "".join(pieces)
 
-    async def _shadow(self, rc: RouteControl, live: Generation, text: str, at_controlled: bool, upstream: Any) -> None:
+    async def _shadow(
+        self, rc: RouteControl, live: Generation, text: str, at_controlled: bool, upstream: EngineClient
+    ) -> None:
         """Rerun an early-stopped live request at the maximum budget; the sample is EM(early, full)."""
         route = rc.route
         request = self._eval_request(live.ctx.request, policy="none", budget=route.max_budget)
@@ -304,7 +307,7 @@ class ControlPlane:
         correct = self._score(route, text, (reference,))
         self.observe(rc, SHADOW, correct, live, at_controlled, tokens=full.accounting.net)
 
-    async def canary_once(self, route_name: str, upstream: Any) -> bool:
+    async def canary_once(self, route_name: str, upstream: EngineClient) -> bool:
         """Replay one random reference item at the route's settings; False if skipped."""
         rc = self.routes[route_name]
         items = rc.references.items()
@@ -321,7 +324,9 @@ class ControlPlane:
         self.observe(rc, CANARY, self._score(rc.route, text, item.answers), gen, True, tokens=gen.accounting.net)
         return True
 
-    async def run_canaries(self, upstream: Any, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+    async def run_canaries(
+        self, upstream: EngineClient, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> None:
         """The background loop: each route replays ``canary_per_minute`` items (Poisson arrivals)."""
         rates = {name: rc.route.evaluation.canary_per_minute for name, rc in self.routes.items()}
         rates = {name: rate for name, rate in rates.items() if rate > 0}
