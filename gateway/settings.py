@@ -257,7 +257,7 @@ class Settings(BaseSettings):
     breaker_cooldown_s: float = Field(default=5.0, gt=0)
     # Tries on another replica when a connection fails before the request reached any engine.
     upstream_retries: int = Field(default=1, ge=0, le=5)
-    max_upstream_connections: int = Field(default=512, ge=1)
+    max_upstream_connections: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
     max_n: int = Field(default=8, ge=1)
     log_level: str = "info"
@@ -266,7 +266,7 @@ class Settings(BaseSettings):
     auth: Literal["keys", "off"] = "keys"
     api_keys_file: Path | None = None
     # Backpressure: past this many live requests in flight the gateway answers 429 with Retry-After.
-    max_in_flight: int = Field(default=256, ge=1)
+    max_in_flight: int = Field(default=1024, ge=1)
     # The prompt (or all message contents) in characters.
     max_prompt_chars: int = Field(default=200_000, ge=1)
     # On SIGTERM: how long in-flight requests may take to finish before they are cut.

@@ -85,7 +85,8 @@ class Upstream:
             base_url=base_url,
             # The read timeout is per gap between bytes, so it must cover the
             # engine's time to first token under load; httpx's 5 s default won't.
-            timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=connect_timeout_s),
+            # Waiting for a free connection is waiting for the engine too: it gets the read timeout.
+            timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=read_timeout_s),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
             transport=transport,
         )

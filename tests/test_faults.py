@@ -1,0 +1,146 @@
+"""Faults at scale against `stopgate serve` as shipped: a thousand streams, clients leaving en masse, SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from gateway.engine import free_port
+from loadtest.fake_engine import FakeEngine, Script
+from tests.test_control_plane import ADMIN, KEY, routes_file
+from tests.test_errors_and_cancellation import wait_until
+
+ANSWER = ["<think>", "\n", "1", "+", "2", "=", "3", "\n", "</think>", "\n#### 3"]
+
+
+@contextmanager
+def serve(upstream: str, log: Path | None = None, **env: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """``stopgate serve`` as a child; its log goes to a file (a pipe nobody reads would fill and block it)."""
+    port = free_port()
+    log = log or Path(os.devnull)
+    with open(log, "a") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream, "--port", str(port)],
+            stdout=out,
+            stderr=out,
+            text=True,
+            env={**os.environ, "STOPGATE_LOG_LEVEL": "warning", **env},
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until(lambda: _up(url) or proc.poll() is not None, timeout=30) and proc.poll() is None
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def streams(url: str, n: int) -> list[bytes]:
+    limits = httpx.Limits(max_connections=n + 10, max_keepalive_connections=n + 10)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
+        async def one() -> bytes:
+            body = {"model": "tinyreason", "prompt": "Q: 1+2=?\n", "stream": True}
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200, await r.aread()
+                return await r.aread()
+
+        return await asyncio.gather(*(one() for _ in range(n)))
+
+
+def test_a_thousand_concurrent_streams_all_finish_and_leak_no_descriptors(fake_engine: tuple[FakeEngine, str]) -> None:
+    engine, upstream = fake_engine
+    engine.default = Script(pieces=ANSWER, delay_s=0.05)  # half a second each: the thousand overlap
+    with serve(upstream) as (proc, url):
+        first = asyncio.run(streams(url, 1000))
+        after_first = open_fds(proc.pid)
+        second = asyncio.run(streams(url, 1000))
+        after_second = open_fds(proc.pid)
+    for body in first + second:
+        assert body.endswith(b"data: [DONE]\n\n") and b"#### 3" in body
+    assert engine.stats.completed == 2000 and engine.stats.active == 0
+    # Idle keep-alive connections to the engine stay pooled; a second burst must not add to them.
+    assert after_second <= after_first + 10, (after_first, after_second)
+
+
+def test_clients_leaving_en_masse_abort_every_upstream_request(fake_engine: tuple[FakeEngine, str]) -> None:
+    engine, upstream = fake_engine
+    engine.default = Script(pieces=["<think>"] + ["x"] * 2000, delay_s=0.01)  # 20 s if nobody leaves
+
+    async def leave(url: str, n: int) -> None:
+        limits = httpx.Limits(max_connections=n + 10)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+            async def one() -> None:
+                body = {"model": "tinyreason", "prompt": "Q: 1+2=?\n", "stream": True}
+                async with client.stream("POST", "/v1/completions", json=body) as r:
+                    async for _ in r.aiter_bytes():
+                        break  # the first bytes, then the client leaves
+
+            await asyncio.gather(*(one() for _ in range(n)))
+
+    with serve(upstream) as (proc, url):
+        asyncio.run(leave(url, 200))
+        assert wait_until(lambda: engine.stats.cancelled == 200 and engine.stats.active == 0, timeout=20), (
+            engine.stats.cancelled,
+            engine.stats.active,
+        )
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert _metric(url, "stopgate_in_flight_requests") == 0.0
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_state_survives_sigkill_and_a_restart(fake_engine: tuple[FakeEngine, str], tmp_path: Path) -> None:
+    engine, upstream = fake_engine
+    engine.default = Script(pieces=ANSWER)
+    env: dict[str, Any] = {
+        "STOPGATE_ROUTES_FILE": str(routes_file(tmp_path)),
+        "STOPGATE_STATE_PATH": str(tmp_path / "state.db"),
+        "STOPGATE_ADMIN_KEY": KEY,
+    }
+    with serve(upstream, **env) as (proc, url):
+        for _ in range(40):
+            body = {"model": "arith", "prompt": "Q: 1+2=?\n", "reference_id": "a1"}
+            assert httpx.post(f"{url}/v1/completions", json=body, timeout=10).status_code == 200
+        text = '{"id": "b1", "prompt": "Q: 7+7=?", "answers": ["14"], "route": "arith"}\n'
+        assert httpx.put(f"{url}/admin/routes/arith/references/up", content=text, headers=ADMIN).status_code == 200
+        before = httpx.get(f"{url}/admin/routes/arith", headers=ADMIN, timeout=10).json()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert before["budget"] < 400 and before["samples"]["gold"] == 40
+    with serve(upstream, **env) as (_, url):
+        after = httpx.get(f"{url}/admin/routes/arith", headers=ADMIN, timeout=10).json()
+    assert after["budget"] == before["budget"] and after["samples"] == before["samples"]
+    assert after["controller"]["state"] == before["controller"]["state"]
+    assert after["references"] == before["references"]
