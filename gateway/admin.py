@@ -25,9 +25,10 @@ from fastapi.responses import JSONResponse
 from gateway.control.plane import ControlPlane
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
 from gateway.evaluation import ReferenceSetError
+from gateway.openapi import errors, json_body, text_body
 from gateway.protocol import parse_json_body
 
-router = APIRouter(prefix="/admin")
+router = APIRouter(prefix="/admin", responses=errors(401, 404))
 
 # Reference uploads may be larger than a chat request.
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
@@ -85,29 +86,39 @@ async def get_route(request: Request, route: str) -> dict[str, Any]:
     return _plane(request).snapshot(route)
 
 
-@router.post("/routes/{route}/freeze")
+@router.post("/routes/{route}/freeze", responses=errors(400))
 async def freeze(request: Request, route: str) -> dict[str, Any]:
     return _plane(request).freeze(route, True)
 
 
-@router.post("/routes/{route}/unfreeze")
+@router.post("/routes/{route}/unfreeze", responses=errors(400))
 async def unfreeze(request: Request, route: str) -> dict[str, Any]:
     return _plane(request).freeze(route, False)
 
 
-@router.put("/routes/{route}/budget")
+@router.put(
+    "/routes/{route}/budget",
+    responses=errors(400, 413),
+    openapi_extra=json_body({"type": "object", "properties": {"budget": {"type": "integer"}}, "required": ["budget"]}),
+)
 async def set_budget(request: Request, route: str) -> dict[str, Any]:
     plane = _plane(request)
     return plane.set_budget(route, _number(await _json(request), "budget", int))
 
 
-@router.put("/routes/{route}/target")
+@router.put(
+    "/routes/{route}/target",
+    responses=errors(400, 413),
+    openapi_extra=json_body({"type": "object", "properties": {"target": {"type": "number"}}, "required": ["target"]}),
+)
 async def set_target(request: Request, route: str) -> dict[str, Any]:
     plane = _plane(request)
     return plane.set_target(route, float(_number(await _json(request), "target", float)))
 
 
-@router.put("/routes/{route}/references/{name}")
+@router.put(
+    "/routes/{route}/references/{name}", responses=errors(400, 413), openapi_extra=text_body("text/plain")
+)
 async def upload_references(request: Request, route: str, name: str) -> dict[str, Any]:
     plane = _plane(request)
     declared = request.headers.get("content-length")
@@ -124,7 +135,7 @@ async def upload_references(request: Request, route: str, name: str) -> dict[str
         raise InvalidRequest(f"The reference set was rejected, nothing was loaded:\n{exc}", param="body") from exc
 
 
-@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+@router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
 async def unknown(request: Request, rest: str) -> JSONResponse:
     """Any other admin path: 401 without the key (so nothing leaks), 404 with it."""
     _plane(request)

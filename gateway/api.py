@@ -22,6 +22,7 @@ from gateway.ensemble import EnsembleGeneration, is_ensemble
 from gateway.errors import GatewayError, LimitExceeded, PayloadTooLarge, UpstreamError, internal_error
 from gateway.evaluation import ReferenceItem
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
+from gateway.openapi import errors, json_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, parse_json_body, validate_request
 from gateway.services import Services, Ticket
 from gateway.serving import Generation, RequestContext
@@ -66,12 +67,30 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
-@router.post("/v1/completions")
+GENERATION_ERRORS = errors(400, 401, 403, 404, 413, 429, 502, 503, 504)
+GENERATED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A completion (JSON), or its chunks (text/event-stream) with `stream`",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+}
+
+
+@router.post(
+    "/v1/completions", responses={**GENERATED, **GENERATION_ERRORS}, openapi_extra=json_body(CompletionRequest)
+)
 async def completions(request: Request) -> Response:
     return await _generate(request, "completions")
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    responses={**GENERATED, **GENERATION_ERRORS},
+    openapi_extra=json_body(ChatCompletionRequest),
+)
 async def chat_completions(request: Request) -> Response:
     return await _generate(request, "chat")
 
@@ -266,7 +285,7 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(401))
 async def models(request: Request) -> dict[str, Any]:
     """The model names this caller's key may use."""
     services = _services(request)
@@ -287,7 +306,13 @@ async def health() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/ready")
+@router.get(
+    "/ready",
+    responses={
+        200: {"description": "The engine answers and serves every route's model"},
+        503: {"description": "Not ready (engine down, a model missing, or draining)"},
+    },
+)
 async def ready(request: Request) -> JSONResponse:
     """Readiness: the engine answers and serves every route's model."""
     services = _services(request)
@@ -306,7 +331,13 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready"})
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    },
+)
 async def metrics(request: Request) -> Response:
     # Rendering walks every series: do it off the event loop so a scrape never stalls requests.
     body = await anyio.to_thread.run_sync(generate_latest, _services(request).metrics.registry)

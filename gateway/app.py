@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gateway import openapi
 from gateway.admin import router as admin_router
 from gateway.api import router
 from gateway.auth import build_authenticator
@@ -22,6 +23,7 @@ from gateway.control.plane import ControlPlane
 from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
 from gateway.metrics import Metrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.services import Services
 from gateway.settings import ConfigError, Settings
 from gateway.upstream import Upstream
@@ -84,6 +86,7 @@ def create_app(
     app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
     app.include_router(admin_router)
+    openapi.install(app, CompletionRequest, ChatCompletionRequest, model_names=list(routes.by_model()))
     _install_error_handlers(app)
     return app
 

@@ -7,11 +7,24 @@ field is kept and passed through to the engine, as vLLM itself allows.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, ValidationError
 
 from gateway.errors import InvalidRequest
+
+
+def _json_int(value: Any) -> Any:
+    """JSON has one number type: ``418.0`` is the integer 418. ``"418"``, ``true`` and ``1.5`` stay errors."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool | str):
+        raise ValueError("expected an integer")
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_int)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_json_int)]
 
 
 class StreamOptions(BaseModel):
@@ -31,7 +44,7 @@ class StopgateOptions(BaseModel):
 
     policy: str | None = None
     params: dict[str, Any] | None = None
-    budget: StrictInt | None = Field(default=None, ge=1)
+    budget: PositiveInt | None = None
     # The reference item this request replays: its EM is scored against the item's gold answers.
     reference_id: str | None = Field(default=None, min_length=1, max_length=256)
 
@@ -52,8 +65,8 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    n: StrictInt = Field(default=1, ge=1)
+    max_tokens: PositiveInt | None = None
+    n: PositiveInt = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stopgate: StopgateOptions | None = None
@@ -74,12 +87,12 @@ class _Common(BaseModel):
 
 
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    prompt: str | list[str] | list[JsonInt] | list[list[JsonInt]]
 
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
 
     def passthrough(self) -> dict[str, Any]:
         body = super().passthrough()
@@ -140,6 +153,8 @@ def _message(err: Any) -> str:
         return "expected an integer."
     if kind == "bool_type":
         return "expected a boolean."
+    if kind == "value_error":
+        return str(err["ctx"]["error"]) + "."
     if kind == "greater_than_equal":
         return f"must be at least {err['ctx']['ge']}."
     return str(err["msg"]) + "."
