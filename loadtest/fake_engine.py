@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -248,15 +249,38 @@ async def _json(send: Send, status: int, payload: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def main() -> None:
+THINK_FILLER = ("Let", " me", " add", " 1", " and", " 2", ".", "\n")
+
+
+def reasoning_pieces(n: int) -> list[str]:
+    """``n`` pieces shaped like a reasoning answer: ``<think>``, filler, ``</think>``, ``\n#### 3``."""
+    filler = [THINK_FILLER[i % len(THINK_FILLER)] for i in range(n - 3)]
+    return ["<think>", *filler, "</think>", "\n#### 3"]
+
+
+def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     ap = argparse.ArgumentParser(description="Run the scripted fake engine.")
     ap.add_argument("--port", type=int, default=9000)
     ap.add_argument("--tokens", type=int, default=10, help="pieces per response")
-    args = ap.parse_args()
-    engine = FakeEngine(default=Script(pieces=["x"] * args.tokens))
+    ap.add_argument("--tokens-max", type=int, help="vary pieces per response uniformly in [--tokens, this]")
+    ap.add_argument("--delay", type=float, default=0.0, help="seconds to wait after each piece")
+    ap.add_argument("--think", action="store_true", help="pieces shaped like reasoning: <think> ... </think> #### 3")
+    ap.add_argument("--seed", type=int, default=0, help="for --tokens-max")
+    args = ap.parse_args(argv)
+    low, high = args.tokens, args.tokens if args.tokens_max is None else args.tokens_max
+    if not (1 + 2 * args.think <= low <= high) or args.delay < 0:
+        ap.error("need 1 <= --tokens <= --tokens-max (3 with --think) and --delay >= 0")
+
+    def script(n: int) -> Script:
+        return Script(pieces=reasoning_pieces(n) if args.think else ["x"] * n, delay_s=args.delay)
+
+    engine = FakeEngine(default=script(low))
     engine.record = False
+    if high > low:
+        rng = random.Random(args.seed)
+        engine.responder = lambda request, headers: script(rng.randint(low, high))
     uvicorn.run(engine, host="127.0.0.1", port=args.port, log_level="warning")
 
 
