@@ -28,6 +28,8 @@ _MAX_ERROR_BODY = 64 * 1024
 
 def translate(exc: httpx.HTTPError) -> UpstreamError:
     """Map an httpx error onto the gateway's exception tree."""
+    if isinstance(exc, httpx.ConnectTimeout):  # the engine never took the request: unreachable, not slow
+        return UpstreamUnavailable(f"The upstream engine is unreachable ({type(exc).__name__}).")
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"The upstream engine did not respond in time ({type(exc).__name__}).")
     if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError | httpx.NetworkError):
