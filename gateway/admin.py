@@ -116,9 +116,7 @@ async def set_target(request: Request, route: str) -> dict[str, Any]:
     return plane.set_target(route, float(_number(await _json(request), "target", float)))
 
 
-@router.put(
-    "/routes/{route}/references/{name}", responses=errors(400, 413), openapi_extra=text_body("text/plain")
-)
+@router.put("/routes/{route}/references/{name}", responses=errors(400, 413), openapi_extra=text_body("text/plain"))
 async def upload_references(request: Request, route: str, name: str) -> dict[str, Any]:
     plane = _plane(request)
     declared = request.headers.get("content-length")
