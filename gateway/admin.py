@@ -23,7 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gateway.control.plane import ControlPlane
-from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge
+from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from gateway.evaluation import ReferenceSetError
 from gateway.openapi import errors, json_body, text_body
 from gateway.protocol import parse_json_body
@@ -34,28 +34,16 @@ router = APIRouter(prefix="/admin", responses=errors(401, 404))
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
 
 
-class Unauthorized(GatewayError):
-    status_code = 401
-    error_type = "authentication_error"
-    code = "invalid_admin_key"
-
-
-class AdminDisabled(GatewayError):
-    status_code = 404
-    error_type = "not_found_error"
-    code = "not_found"
-
-
 def _plane(request: Request) -> ControlPlane:
     """The control plane, once the caller has shown the admin key."""
     services = request.app.state.services
     key = services.settings.admin_key
     if key is None:
-        raise AdminDisabled("Not Found")
+        raise NotFound("Not Found")
     auth = request.headers.get("authorization", "")
     given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-admin-key", "")
     if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
-        raise Unauthorized("A valid admin key is required (Authorization: Bearer <key>).")
+        raise Unauthorized("A valid admin key is required (Authorization: Bearer <key>).", code="invalid_admin_key")
     plane: ControlPlane = services.control
     return plane
 
@@ -137,4 +125,4 @@ async def upload_references(request: Request, route: str, name: str) -> dict[str
 async def unknown(request: Request, rest: str) -> JSONResponse:
     """Any other admin path: 401 without the key (so nothing leaks), 404 with it."""
     _plane(request)
-    raise AdminDisabled(f"No admin endpoint {request.method} /admin/{rest}.")
+    raise NotFound(f"No admin endpoint {request.method} /admin/{rest}.")

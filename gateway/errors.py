@@ -71,6 +71,12 @@ class Unauthorized(GatewayError):
     headers = {"www-authenticate": "Bearer"}
 
 
+class NotFound(GatewayError):
+    status_code = 404
+    error_type = "not_found_error"
+    code = "not_found"
+
+
 class Forbidden(GatewayError):
     status_code = 403
     error_type = "permission_error"

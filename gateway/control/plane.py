@@ -50,7 +50,7 @@ from gateway.control.controller import (
     wilson,
 )
 from gateway.control.store import SampleRecord, Store
-from gateway.errors import GatewayError, InvalidRequest
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.evaluation import (
     ReferenceItem,
     ReferenceSet,
@@ -74,12 +74,6 @@ log = logging.getLogger("stopgate.control")
 GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
 # Stop reasons that mean the request did not run its reasoning to the end.
 NOT_EARLY = frozenset({"finished"})
-
-
-class NotFound(GatewayError):
-    status_code = 404
-    error_type = "not_found_error"
-    code = "not_found"
 
 
 @dataclass
