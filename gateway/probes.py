@@ -4,7 +4,10 @@
 at once. Results reach the policy through ``on_result`` as they arrive. At
 most ``max_inflight_probes`` run at a time: a launch while that many run is
 skipped, so that a slow engine still completes the probes it has (cancelling
-the oldest instead would, under load, cancel every probe before it answers).
+the oldest every time would, under load, cancel every probe before it
+answers), unless the oldest was launched ``STALE_TOKENS`` or more reasoning
+tokens ago: its answer is old news by then, and a stuck probe must not block
+probing for the rest of the request.
 At most ``max_probes`` are launched per request.
 ``aclose`` cancels whatever is still running; the engine aborts each one as
 its connection closes.
@@ -31,6 +34,9 @@ from gateway.upstream import EngineClient
 from policies.base import ProbeResult
 
 log = logging.getLogger("stopgate.probes")
+
+# A running probe launched this many reasoning tokens ago may be replaced by a new one.
+STALE_TOKENS = 64
 
 
 @dataclass
@@ -75,6 +81,7 @@ class Probes:
         self.max_probes = route.max_probes if max_probes is None else min(max_probes, route.max_probes)
         self.stats = ProbeStats()
         self._inflight: list[asyncio.Task[None]] = []
+        self._launched_at: dict[asyncio.Task[None], int] = {}
 
     @property
     def inflight(self) -> int:
@@ -85,15 +92,21 @@ class Probes:
         if self.stats.launched >= self.max_probes:
             return False
         if len(self._inflight) >= self.route.max_inflight_probes:
-            self.stats.skipped += 1
-            return False
+            oldest = self._inflight[0]
+            if at_tokens - self._launched_at.get(oldest, at_tokens) < STALE_TOKENS:
+                self.stats.skipped += 1
+                return False
+            self._inflight.pop(0).cancel()
+            self.stats.cancelled += 1
         self.stats.launched += 1
         task = asyncio.ensure_future(self._run(self.stats.launched, at_tokens, generated))
         self._inflight.append(task)
+        self._launched_at[task] = at_tokens
         task.add_done_callback(self._forget)
         return True
 
     def _forget(self, task: asyncio.Task[None]) -> None:
+        self._launched_at.pop(task, None)
         if task in self._inflight:
             self._inflight.remove(task)
 

@@ -142,9 +142,10 @@ def test_probes_run_beside_the_main_stream_without_pausing_it(session_gateway: A
     assert body["stopgate"]["stop_reason"] == "finished"
     assert elapsed < 2.5  # a blocking probe would have taken 5 s or more
     probes = body["stopgate"]["probes"]
-    # Two may run at once; later ones are skipped while they stall; both are cancelled at the end.
-    assert probes["launched"] == 2 and probes["skipped"] >= 5
-    assert probes["cancelled"] == 2 and probes["completed"] == 0
+    # Two may run at once; later ones are skipped while they stall, until the oldest is 64 tokens stale and
+    # is replaced; every one is cancelled in the end, none answered.
+    assert 3 <= probes["launched"] <= 4 and probes["skipped"] >= 4
+    assert probes["cancelled"] == probes["launched"] and probes["completed"] == 0
     assert wait_until(lambda: engine.stats.active == 0)
 
 
