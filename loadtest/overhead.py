@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 
 from gateway.engine import free_port
+from loadtest.common import EMBEDDED_ENV
 
 try:  # the client's own cost lands on the same CPUs as the servers; uvloop keeps it small
     from uvloop import run as run_loop
@@ -303,7 +304,7 @@ def report(result: dict[str, Any]) -> None:
 def run(a: argparse.Namespace) -> tuple[dict[str, Any], list[Sample]]:
     engine_port, gateway_port, py = free_port(), free_port(), sys.executable
     a.engine_url, a.gateway_url = f"http://127.0.0.1:{engine_port}", f"http://127.0.0.1:{gateway_port}"
-    env = {**os.environ, "STOPGATE_LOG_LEVEL": a.log_level, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **EMBEDDED_ENV, "STOPGATE_LOG_LEVEL": a.log_level, "PYTHONUNBUFFERED": "1"}  # as `make serve`
     engine_cmd = [py, "-m", "loadtest.fake_engine", "--port", str(engine_port), "--tokens", str(a.chunks)]
     gateway_cmd = [py, "-m", "gateway.cli", "serve", "--upstream", a.engine_url, "--port", str(gateway_port)]
     access_log = "on" if a.log_level in ("debug", "info") else "off"  # uvicorn logs each request at info
