@@ -157,9 +157,8 @@ class ControlPlane:
             state = None
             if config is not None:
                 saved = store.load(route.name)  # {} when only samples were saved (no controller then)
-                state = state_from_dict(saved) if saved else initial_state(config)
-                if saved and config.target != state_target(saved, config):
-                    state = retarget(state, config)
+                # retarget: a target changed in the routes file since the state was saved
+                state = retarget(state_from_dict(saved), config) if saved else initial_state(config)
             try:
                 refs = load_route_references(route)
                 for name, body in store.reference_sets(route.name):  # uploads survive restarts
@@ -475,11 +474,6 @@ class ControlPlane:
     def _publish_share(self, rc: RouteControl) -> None:
         spent = sum(rc.eval_tokens.values())
         self.metrics.eval_share.labels(rc.route.name).set(spent / rc.live_tokens if rc.live_tokens else 0.0)
-
-
-def state_target(saved: dict[str, Any], config: ControllerConfig) -> float:
-    target = saved.get("target")
-    return float(target) if isinstance(target, int | float) else config.target
 
 
 def canary_request(route: RouteConfig, item: ReferenceItem) -> CompletionRequest | ChatCompletionRequest:
