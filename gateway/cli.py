@@ -12,6 +12,8 @@ import importlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -74,19 +76,13 @@ def serve(args: argparse.Namespace) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     # asyncio warns on every write to a socket whose client has left; clients leaving is normal here.
     logging.getLogger("asyncio").setLevel(logging.ERROR)
-    engine: EmbeddedEngine | None = None
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        if settings.upstream_url is None:
-            engine = start_engine(settings.engine)
-            update: dict[str, object] = {"upstream_url": engine.url}
-            if settings.eval_priority is None:  # the embedded engine schedules by priority
-                update["eval_priority"] = EMBEDDED_EVAL_PRIORITY
-            settings = settings.model_copy(update=update)
-        # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal
-        # under the handler found here: that must not kill us before the engine stops.
-        signal.signal(signal.SIGTERM, _note_signal)
-        return _run_uvicorn(settings)
+        with upstream_or_engine(settings) as settings:
+            # uvicorn shuts down gracefully on SIGTERM and then re-raises the signal
+            # under the handler found here: that must not kill us before the engine stops.
+            signal.signal(signal.SIGTERM, _note_signal)
+            return _run_uvicorn(settings)
     except ConfigError as exc:
         return fail(str(exc))
     except EngineStartError as exc:
@@ -95,9 +91,6 @@ def serve(args: argparse.Namespace) -> int:
         print("stopgate: interrupted", file=sys.stderr)
         return 130
     finally:
-        if engine is not None:
-            print("stopgate: stopping the engine", file=sys.stderr)
-            engine.stop()
         signal.signal(signal.SIGTERM, previous)
 
 
@@ -107,6 +100,23 @@ def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
 
 def _note_signal(signum: int, frame: FrameType | None) -> None:
     log.info("received signal %d after shutdown", signum)
+
+
+@contextmanager
+def upstream_or_engine(settings: Settings) -> Iterator[Settings]:
+    """The settings as they are if they name an upstream; else the embedded engine runs for the block."""
+    if settings.upstream_url is not None:
+        yield settings
+        return
+    engine = start_engine(settings.engine)
+    try:
+        update: dict[str, object] = {"upstream_url": engine.url}
+        if settings.eval_priority is None:  # the embedded engine schedules by priority
+            update["eval_priority"] = EMBEDDED_EVAL_PRIORITY
+        yield settings.model_copy(update=update)
+    finally:
+        print("stopgate: stopping the engine", file=sys.stderr)
+        engine.stop()
 
 
 def start_engine(settings: EngineSettings) -> EmbeddedEngine:

@@ -140,8 +140,8 @@ def plot(points: list[Point], out: Path, title: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from gateway.app import create_app
-    from gateway.cli import EMBEDDED_EVAL_PRIORITY, fail, start_engine
-    from gateway.engine import EmbeddedEngine, EngineStartError
+    from gateway.cli import fail, upstream_or_engine
+    from gateway.engine import EngineStartError
     from gateway.threaded import serve_in_thread
 
     try:
@@ -154,16 +154,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and not 0 < value <= 1:
             return fail(f"{name} must be in (0, 1], got {value}")
     admin_key = secrets.token_urlsafe(16)
-    engine: EmbeddedEngine | None = None
     try:
-        settings = Settings(
-            upstream_url=args.upstream, admin_key=SecretStr(admin_key), state_path=":memory:", auth="off"
-        )
-        if settings.upstream_url is None:
-            engine = start_engine(settings.engine)
-            settings = settings.model_copy(update={"upstream_url": engine.url, "eval_priority": EMBEDDED_EVAL_PRIORITY})
-        app = create_app(settings)
-        with serve_in_thread(app) as url:
+        given = Settings(upstream_url=args.upstream, admin_key=SecretStr(admin_key), state_path=":memory:", auth="off")
+        with upstream_or_engine(given) as settings, serve_in_thread(create_app(settings)) as url:
             admin = {"authorization": f"Bearer {admin_key}"}
             if args.target is not None:
                 httpx.put(f"{url}/admin/routes/{args.route}/target", json={"target": args.target}, headers=admin)
@@ -212,6 +205,3 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopgate: interrupted", file=sys.stderr)
         return 130
-    finally:
-        if engine is not None:
-            engine.stop()
