@@ -31,6 +31,7 @@ from gateway.settings import RouteConfig
 from gateway.upstream import EngineClient
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
 from policies.compose import Bounded
+from policies.marker import MarkerPolicy
 from policies.registry import build_policy
 from policies.static import StaticPolicy
 
@@ -199,8 +200,17 @@ class Generation:
         self.policy = build_request_policy(ctx, self.spec)
         self.accounting = Accounting()
         self._body = upstream_body(ctx, vllm=vllm)  # validates before any I/O
-        if isinstance(self.policy, Bounded) and isinstance(self.policy.inner, StaticPolicy):
-            self._body.update(self.policy.inner.engine_params)
+        if isinstance(self.policy, Bounded):
+            inner = self.policy.inner
+            if isinstance(inner, StaticPolicy):
+                self._body.update(inner.engine_params)
+            # The engine may stop at a plain-string marker itself, unless the client set stop strings of its own.
+            elif (
+                isinstance(inner, MarkerPolicy)
+                and vllm
+                and not {"stop", "include_stop_str_in_output"} & set(self._body)
+            ):
+                self._body.update(inner.engine_params)
         self._parser = ChunkParser(ctx.endpoint)
         self._meta: dict[str, Any] = {}
         self._phase = "thinking"
@@ -329,6 +339,7 @@ class Generation:
             if held is not None:
                 for choice in held["choices"]:
                     choice["finish_reason"] = None
+                    choice.pop("stop_reason", None)  # the engine's, if it stopped at a marker itself
                 yield held
             held = None
             if self._phase == "thinking":

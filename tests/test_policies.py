@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ from policies.confidence import ConfidencePolicy, confidence
 from policies.convergence import ConvergencePolicy
 from policies.ensemble import EnsembleParams, Verdict, judge, leader_posterior, majority
 from policies.loop import LoopPolicy, is_looping
-from policies.marker import MarkerPolicy
+from policies.marker import MarkerPolicy, literal
 from policies.none import NoPolicy
 from policies.registry import NAMES, STREAM_POLICIES, build_policy, ensemble_params, validate
 from policies.static import StaticPolicy
@@ -153,6 +154,26 @@ def test_marker_waits_through_a_streamed_number_and_stops_when_it_ends() -> None
 def test_marker_searches_only_the_recent_tail() -> None:
     policy = MarkerPolicy(GSM8K_MARKER)
     assert policy.on_tokens(thinking(5, "#### 42\n" + "x" * 600)) == C
+
+
+@pytest.mark.parametrize(
+    ("pattern", "stop"),
+    [
+        pytest.param(r"\ncheck\n", "\ncheck\n", id="escaped-newlines"),
+        pytest.param("\ncheck\n", "\ncheck\n", id="raw-newlines"),
+        pytest.param(r"a\.b", "a.b", id="escaped-dot"),
+        pytest.param("#### done", "#### done", id="hash-and-space"),
+        pytest.param("a.b", None, id="dot"),
+        pytest.param(GSM8K_MARKER, None, id="classes-and-repeats"),
+        pytest.param(r"\bword", None, id="anchor"),
+    ],
+)
+def test_marker_hands_only_a_plain_string_to_the_engine(pattern: str, stop: str | None) -> None:
+    assert literal(pattern) == stop
+    expected = {} if stop is None else {"stop": [stop], "include_stop_str_in_output": True}
+    assert MarkerPolicy(pattern).engine_params == expected
+    if stop is not None:
+        assert re.fullmatch(pattern, stop)  # the engine stops exactly where the regex would
 
 
 @pytest.mark.parametrize("pattern", ["(", "[0-9", "*a"], ids=["open-group", "open-class", "nothing-to-repeat"])

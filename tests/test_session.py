@@ -209,6 +209,35 @@ def test_marker_stops_once_the_answer_is_complete(session_gateway: Any) -> None:
     assert not any(kind(h) == "forced" for h in engine.stats.headers)  # the answer was already there
 
 
+def test_a_plain_string_marker_is_also_the_engines_stop_string(session_gateway: Any) -> None:
+    engine, start = session_gateway
+    cue = ["<think>", "\n", "1+2=3", "\ncheck\n"]
+    with start(Script(pieces=cue + ["1+2=3"] * 200, delay_s=0.002)) as (url, _):
+        default = engine.responder
+
+        def respond(body: dict[str, Any], headers: dict[str, str]) -> Script:
+            if kind(headers) == "main" and "\ncheck\n" in (body.get("stop") or []):
+                return Script(pieces=cue)  # a vLLM engine ends the sequence at the stop string itself
+            return default(body, headers)
+
+        engine.responder = respond
+        marker = {"policy": "marker", "params": {"pattern": r"\ncheck\n"}}
+        bodies = [
+            complete(url, stopgate=marker),
+            complete(url, stopgate={"policy": "marker", "params": {"pattern": r"\ncheck\s"}}),  # a regex
+            complete(url, stop=["zzz"], stopgate=marker),  # the client's own stop strings win
+        ]
+    mains = [r for r, h in zip(engine.stats.requests, engine.stats.headers, strict=True) if kind(h) == "main"]
+    assert mains[0]["stop"] == ["\ncheck\n"] and mains[0]["include_stop_str_in_output"] is True
+    assert "stop" not in mains[1] and "include_stop_str_in_output" not in mains[1]
+    assert mains[2]["stop"] == ["zzz"] and "include_stop_str_in_output" not in mains[2]
+    for body in bodies:  # the client sees the same answer whichever side stopped
+        assert body["stopgate"]["stop_reason"] == "answer_complete"
+        assert body["choices"][0]["text"] == "".join(cue) + "</think>\n#### 3"
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["stopgate"]["tokens"]["thinking"] == len(cue)
+
+
 def test_confidence_stops_on_a_confident_probe(session_gateway: Any, fake_engine: Any) -> None:
     _, start = session_gateway
     with start(Script(pieces=THINKING, delay_s=0.01)) as (url, _):
