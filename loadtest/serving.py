@@ -14,13 +14,16 @@ policy and controller.
 
 Search. Open-loop Poisson load (``loadtest.load``) at a ladder of rates,
 ``--start-rate`` times ``--factor`` per step, ``--step-duration`` seconds per
-variant per step, the variants interleaved in ``--block``-second slots so
-noise hits all alike. A variant *holds* a rate when its p99 E2E is within
-``--slo-p99`` and at most ``--max-error-rate`` of its requests failed. A
-variant that fails leaves the ladder; the ladder stops when none holds or at
-``--max-rate``. Then ``--refine`` rounds of bisection (geometric mean of the
-last rate held and the first failed) narrow each variant's sustainable rate:
-the highest rate it held with every lower tested rate held too.
+variant per step. In a step each variant runs alone on the engine and its
+last requests drain before the next variant starts (sharing the engine, as
+alternating slots did, gave each variant the other's load); the order
+alternates from step to step so a slow spell of the machine hits both. A
+variant *holds* a rate when its p99 E2E is within ``--slo-p99`` and at most
+``--max-error-rate`` of its requests failed. A variant that fails leaves
+the ladder; the ladder stops when none holds or at ``--max-rate``. Then
+``--refine`` rounds of bisection (geometric mean of the last rate held and
+the first failed) narrow each variant's sustainable rate: the highest rate
+it held with every lower tested rate held too.
 
 EM is scored on every successful request (reference items, greedy) of the
 variant, pooled over all steps, with its Wilson 95% interval; tokens are the
@@ -114,7 +117,6 @@ async def benchmark(url: str, args: argparse.Namespace, prompts: list[Prompt]) -
         mode="rate",
         steps=((1.0,) * len(names),),
         duration_s=args.step_duration,
-        block_s=args.block,
         drain_s=max(5.0, 3 * args.slo_p99),
         timeout_s=max(30.0, 10 * args.slo_p99),
         api="completions",
@@ -126,30 +128,41 @@ async def benchmark(url: str, args: argparse.Namespace, prompts: list[Prompt]) -
     )
     await preflight(base)
     while rates := search.next_rates(names):
-        targets = tuple(Target(n, url, variants[n]) for n in names if n in rates)
-        step = (tuple(rates[t.name] for t in targets),)
-        config = dataclasses.replace(base, targets=targets, steps=step, seed=args.seed + len(steps))
-        result = await run_load(config, prompts)
-        summary = step_summaries(result)[0] if result.steps else None
-        if summary is None:
-            complete = False
-            break
         entry: dict[str, Any] = {"step": len(steps), "rates": rates, "variants": {}}
-        for name, s in summary["targets"].items():
+        order = [n for n in names if n in rates]
+        if len(steps) % 2:
+            order.reverse()  # A B, then B A: a slow spell of the machine hits both alike
+        for name in order:
+            # Each variant alone on the engine, its last requests drained before the next starts: when
+            # variants shared the engine (alternating blocks) each one's latency carried the other's load.
+            config = dataclasses.replace(
+                base, targets=(Target(name, url, variants[name]),), steps=((rates[name],),), seed=args.seed + len(steps)
+            )
+            result = await run_load(config, prompts)
+            summary = step_summaries(result)[0] if result.steps else None
+            if summary is None or name not in summary["targets"]:
+                complete = False
+                break
+            s = summary["targets"][name]
             ok = holds(s, args.slo_p99, args.max_error_rate)
             if result.complete:
                 search.record(name, rates[name], ok)
             entry["variants"][name] = {"rate": rates[name], "holds": ok, "summary": s}
-        for r in result.records:
-            if r.ok and r.correct is not None:
-                hits[r.target].append(r.correct)
-            if r.ok and r.tokens is not None:
-                nets[r.target].append(r.tokens.get("net", 0))
-        steps.append(entry)
-        shown = (f"{n} {'holds' if e['holds'] else 'FAILS'} at {e['rate']:.2f}/s" for n, e in entry["variants"].items())
-        print("serving: " + ", ".join(shown), file=sys.stderr)
-        if not result.complete:
-            complete = False
+            for r in result.records:
+                if r.ok and r.correct is not None:
+                    hits[r.target].append(r.correct)
+                if r.ok and r.tokens is not None:
+                    nets[r.target].append(r.tokens.get("net", 0))
+            if not result.complete:
+                complete = False
+                break
+        if entry["variants"]:
+            steps.append(entry)
+            shown = (
+                f"{n} {'holds' if e['holds'] else 'FAILS'} at {e['rate']:.2f}/s" for n, e in entry["variants"].items()
+            )
+            print("serving: " + ", ".join(shown), file=sys.stderr)
+        if not complete:
             break
     return verdict(args, names, search, steps, hits, nets, complete, time.monotonic() - started, len(prompts))
 
@@ -292,7 +305,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-rate", type=float, default=32.0)
     ap.add_argument("--refine", type=int, default=2, help="bisection rounds after the ladder")
     ap.add_argument("--step-duration", type=float, default=30.0, help="seconds per variant per step")
-    ap.add_argument("--block", type=float, default=2.0, help="seconds per variant slot")
     ap.add_argument("--goal-ratio", type=float, default=1.5)
     ap.add_argument("--max-em-loss", type=float, default=0.01)
     ap.add_argument("--references", type=Path, action="append", help="default references/arith-test.jsonl")
@@ -312,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (args.slo_p99 > 0 and 0 < args.start_rate <= args.max_rate and args.factor > 1):
             raise UsageError("need --slo-p99 > 0, 0 < --start-rate <= --max-rate and --factor > 1")
-        if not (0 < args.step_duration <= 3600 and 0 < args.block <= args.step_duration and 0 <= args.refine <= 10):
-            raise UsageError("need 0 < --block <= --step-duration <= 3600 and 0 <= --refine <= 10")
+        if not (0 < args.step_duration <= 3600 and 0 <= args.refine <= 10):
+            raise UsageError("need 0 < --step-duration <= 3600 and 0 <= --refine <= 10")
         if args.variant and len({n for n, _ in args.variant}) != len(args.variant):
             raise UsageError("--variant names must be unique")
         if args.gateway and not args.allow_remote:

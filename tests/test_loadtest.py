@@ -458,7 +458,7 @@ def test_stopgate_tune_finds_the_tuner_from_any_directory(tmp_path: Path) -> Non
 def test_serving_benchmark_runs_briefly_on_the_fake_engine(gateway: Gateway, tmp_path: Path) -> None:
     url, _, _ = gateway
     out = tmp_path / "serving"
-    args = ["--gateway", url, "--step-duration", "1", "--block", "0.5", "--start-rate", "4", "--factor", "2"]
+    args = ["--gateway", url, "--step-duration", "1", "--start-rate", "4", "--factor", "2"]
     args += ["--max-rate", "8", "--slo-p99", "30", "--refine", "0", "--out", str(out), "--quiet"]
     args += ["--references", str(reference_file(tmp_path / "refs.jsonl"))]
     assert serving.main(args) == 0
