@@ -146,6 +146,7 @@ class EmbeddedEngine:
                     )
                 try:
                     if client.get(f"{self.url}/v1/models").status_code == 200:
+                        self._warm_up(progress)
                         return
                 except httpx.HTTPError:
                     pass
@@ -159,6 +160,26 @@ class EmbeddedEngine:
                     last_report = now
                     progress(f"waiting for the engine ({now - started:.0f} s): {self._last_log_line()}")
                 time.sleep(0.5)
+
+    def _warm_up(self, progress: Callable[[str], None] | None) -> None:
+        """One tiny request with logprobs before the engine counts as ready.
+
+        A fresh vLLM-CPU engine's first request is slow: 2.4 s for two tokens
+        with logprobs (a few ms later). Paid here, it no longer lands on the
+        first client, nor on the first confidence probes (with logprobs),
+        which then answered after the reasoning they were meant to cut short.
+        """
+        if progress is not None:
+            progress("warming up the engine")
+        body = {"model": self.settings.served_model_name, "prompt": "1", "max_tokens": 2, "logprobs": 5}
+        started = time.monotonic()
+        with httpx.Client(timeout=self.settings.startup_timeout_s) as client:
+            try:
+                client.post(f"{self.url}/v1/completions", json=body)
+            except httpx.HTTPError:
+                pass  # not fatal: the first real request pays the cost instead
+        if progress is not None:
+            progress(f"warm-up request took {time.monotonic() - started:.1f} s")
 
     def log_tail(self, lines: int = 15) -> str:
         try:
