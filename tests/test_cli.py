@@ -13,7 +13,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.engine import free_port
+from gateway.engine import EmbeddedEngine, free_port
+from gateway.settings import EngineSettings
+from loadtest.fake_engine import FakeEngine
 
 STOPGATE = [sys.executable, "-m", "gateway.cli"]
 
@@ -76,6 +78,15 @@ def test_engine_that_fails_to_start_is_a_clear_error(tmp_path: Path) -> None:
     )  # fmt: skip
     assert_clean_failure(proc, "the embedded engine did not start")
     assert log.exists()
+
+
+def test_engine_is_warmed_up_with_one_tiny_logprobs_request(fake_engine: tuple[FakeEngine, str]) -> None:
+    engine, url = fake_engine
+    said: list[str] = []
+    EmbeddedEngine(EngineSettings(), port=int(url.rsplit(":", 1)[1]))._warm_up(said.append)
+    [body] = engine.stats.requests
+    assert body["logprobs"] == 5 and body["max_tokens"] == 2 and body["model"] == "tinyreason"
+    assert said[0] == "warming up the engine" and said[1].startswith("warm-up request took ")
 
 
 def _descendants(pid: int) -> set[int]:
