@@ -31,23 +31,24 @@ in MB = 10^6 bytes (the stricter reading of the goal); fds likewise.
 writes ``soak.json`` (summary), ``soak.csv`` (one row per sample), ``soak.png`` and the three
 processes' logs to ``--out``. Ctrl-C (or SIGTERM) stops the run and writes what it has with
 ``"complete": false``; the children are always ended.
+
+The load client runs from ``loadtest/soak_client.py`` and the samples are read by
+``loadtest/soak_sample.py``; this module holds the config, the run, the summary and its outputs,
+and the command line.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import json
 import os
-import re
 import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from types import FrameType
@@ -58,17 +59,11 @@ import httpx
 from gateway.engine import free_port
 from loadtest.common import EMBEDDED_ENV
 from loadtest.overhead import Popen, child
+from loadtest.soak_client import client_main
+from loadtest.soak_sample import Sample, sample
 
 GOALS = {"rss_growth_pct": 5.0, "peak_rss_mb": 200.0}
-# A prompt that matches no reference item: the controller gets no EM samples and keeps the route's budget
-# (400 thinking tokens), so every answer streams whole and the load stays the same all run. ("Q: 1+2=?\n" is
-# a reference item: the controller would search the budget down against a fake engine that cannot answer
-# a forced-answer request, and the traffic mix would change mid-run.)
-MODEL, PROMPT = "tinyreason", "Soak: what is 1+2?\n"
 MAX_PIECES = 400  # the arith route's thinking budget
-ANSWER = b"#### 3"  # every answer of the fake engine's --think script ends with it
-DONE = b"data: [DONE]\n\n"
-ERROR_EVENT = re.compile(rb'data: \{"error":\{.*?"type":"([^"]*)"')
 READY_S = 30.0  # for each child to answer its health check
 CLIENT_START_S = 30.0  # for the client process to start its load
 
@@ -87,202 +82,6 @@ class SoakConfig:
     @property
     def warmup_s(self) -> float:
         return 0.2 * self.duration if self.warmup is None else self.warmup
-
-
-@dataclass(frozen=True)
-class Sample:
-    stage: str  # "idle-before" (no client yet), "run" (the client process is up) or "idle-after"
-    at: float  # wall clock (epoch seconds)
-    gateway_rss_mb: float  # the gateway and its children, summed
-    gateway_fds: int
-    gateway_threads: int
-    gateway_procs: int
-    engine_rss_mb: float
-    cpu: dict[str, float]  # CPU seconds so far: gateway, engine, client, machine
-    client: dict[str, Any]  # the client's progress file as last written
-
-
-# --- the client (its own process) -------------------------------------------------------------------------
-
-
-class Client:
-    """Closed-loop streaming clients; writes its progress to ``progress`` about once a second."""
-
-    def __init__(self, url: str, streams: int, duration: float, drain: float, progress: Path, go: Path) -> None:
-        self.url, self.streams, self.duration, self.drain, self.progress = url, streams, duration, drain, progress
-        self.go = go  # the load starts once this file exists: the client imports while the servers start
-        self.completed, self.completed_in_load, self.in_flight, self.cut = 0, 0, 0, 0
-        self.errors: Counter[str] = Counter()
-        self.phase, self.stopped = "starting", asyncio.Event()
-        self.started_at: float | None = None  # wall clock when the load began
-        self.body = json.dumps({"model": MODEL, "prompt": PROMPT, "stream": True}).encode()
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "phase": self.phase,
-            "started_at": self.started_at,
-            "written_at": time.time(),
-            "completed": self.completed,
-            "completed_in_load": self.completed_in_load,
-            "in_flight": self.in_flight,
-            "errors": dict(self.errors),
-            "cut_at_end": self.cut,
-        }
-
-    def write(self) -> None:
-        tmp = self.progress.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state()))
-        os.replace(tmp, self.progress)  # the sampler never reads half a file
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stopped.set)
-        while not (self.go.exists() or self.stopped.is_set()):
-            await asyncio.sleep(0.05)
-        if self.stopped.is_set():
-            return
-        limits = httpx.Limits(max_connections=self.streams, max_keepalive_connections=self.streams)
-        timeout = httpx.Timeout(connect=10.0, read=60.0, write=10.0, pool=30.0)
-        async with httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout) as client:
-            start = time.monotonic()
-            self.started_at, self.phase = time.time(), "load"
-            ramp = min(2.0, 0.1 * self.duration)  # spread the first connects
-            workers = [
-                asyncio.create_task(self._worker(client, start, ramp * i / self.streams)) for i in range(self.streams)
-            ]
-            reporter = asyncio.create_task(self._report())
-            stopped = asyncio.create_task(self.stopped.wait())
-            all_done = asyncio.create_task(asyncio.wait(workers))
-            try:
-                await asyncio.wait([stopped, all_done], timeout=self.duration, return_when=asyncio.FIRST_COMPLETED)
-                if not (self.stopped.is_set() or all_done.done()):
-                    self.phase = "drain"  # no new streams; the open ones may finish
-                    await asyncio.wait([stopped, all_done], timeout=self.drain, return_when=asyncio.FIRST_COMPLETED)
-                finished = all_done.done() and not self.stopped.is_set()
-            finally:
-                for task in (*workers, reporter, stopped, all_done):
-                    task.cancel()
-                await asyncio.gather(*workers, reporter, stopped, all_done, return_exceptions=True)
-            crashed = [w.exception() for w in workers if not w.cancelled() and w.exception()]
-            for exc in crashed[:3]:
-                print(f"soak client: a worker failed: {exc!r}", file=sys.stderr)
-            self.phase = "failed" if crashed else "done" if finished else "stopped" if self.stopped.is_set() else "cut"
-            self.write()
-
-    async def _report(self) -> None:
-        while True:
-            self.write()
-            await asyncio.sleep(1.0)
-
-    async def _worker(self, client: httpx.AsyncClient, start: float, offset: float) -> None:
-        await asyncio.sleep(offset)
-        end = start + self.duration
-        while time.monotonic() < end and not self.stopped.is_set():
-            self.in_flight += 1
-            try:
-                error = await self._one(client)
-            except asyncio.CancelledError:
-                self.cut += 1
-                raise
-            finally:
-                self.in_flight -= 1
-            if error:
-                self.errors[error] += 1
-                await asyncio.sleep(0.1)  # a dead gateway must not turn the client into a busy loop
-            else:
-                self.completed += 1
-                self.completed_in_load += time.monotonic() <= end
-
-    async def _one(self, client: httpx.AsyncClient) -> str:
-        """One stream read to its end: "" if it ended with ``[DONE]`` after the answer, else the kind of error."""
-        tail, answered = b"", False
-        try:
-            async with client.stream(
-                "POST", "/v1/completions", content=self.body, headers={"content-type": "application/json"}
-            ) as response:
-                if response.status_code != 200:
-                    await response.aread()
-                    return f"HTTP {response.status_code}"
-                async for chunk in response.aiter_raw():
-                    window = tail + chunk
-                    if b'data: {"error"' in window and (match := ERROR_EVENT.search(window)):
-                        return f"error event: {match.group(1).decode(errors='replace')}"
-                    answered = answered or ANSWER in window
-                    tail = window[-64:]
-        except httpx.HTTPError as exc:
-            return type(exc).__name__
-        if not tail.endswith(DONE):
-            return "ended without [DONE]"
-        return "" if answered else "no answer before [DONE]"
-
-
-def client_main(url: str, streams: int, duration: float, drain: float, progress: Path, go: Path) -> int:
-    try:
-        from uvloop import run as run_loop  # the client's cost lands on the same CPUs as the gateway's
-    except ImportError:
-        from asyncio import run as run_loop  # type: ignore[assignment]
-    run_loop(Client(url, streams, duration, drain, progress, go).run())
-    return 0
-
-
-# --- sampling ---------------------------------------------------------------------------------------------
-
-
-def _children(pid: int) -> list[int]:
-    """``pid`` and all its descendants, from the parent fields of /proc/*/stat."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-    tree, frontier = [pid], [pid]
-    while frontier:
-        frontier = [c for c, p in parents.items() if p in frontier]
-        tree += frontier
-    return tree
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "Threads"):
-            out[key] = int(value.split()[0])
-    return out
-
-
-def _cpu_s(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(stat[11]) + int(stat[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_cpu_s() -> float:
-    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
-
-
-def sample(stage: str, gateway: Popen, engine: Popen, client: Popen | None, progress: Path) -> Sample:
-    rss_kb = threads = fds = procs = 0
-    for pid in _children(gateway.pid):
-        try:
-            status = _status(pid)
-            fds += len(os.listdir(f"/proc/{pid}/fd"))
-        except OSError:
-            continue  # it exited between the listing and the read
-        rss_kb, threads, procs = rss_kb + status.get("VmRSS", 0), threads + status.get("Threads", 0), procs + 1
-    cpu = {"gateway": _cpu_s(gateway.pid), "engine": _cpu_s(engine.pid), "machine": _machine_cpu_s()}
-    if client is not None and client.poll() is None:
-        cpu["client"] = _cpu_s(client.pid)
-    try:
-        state = json.loads(progress.read_text())
-    except (OSError, ValueError):
-        state = {}
-    engine_rss = _status(engine.pid).get("VmRSS", 0) * 1024 / 1e6
-    return Sample(stage, time.time(), rss_kb * 1024 / 1e6, fds, threads, procs, engine_rss, cpu, state)
 
 
 # --- the run ----------------------------------------------------------------------------------------------
