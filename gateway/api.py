@@ -67,13 +67,22 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(data)
 
 
+SSE_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "One chunk as JSON (a completion chunk or an error), or [DONE]"},
+        "event": {"type": "string"},
+    },
+}
 GENERATION_ERRORS = errors(400, 401, 403, 404, 413, 429, 502, 503, 504)
 GENERATED: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "A completion (JSON), or its chunks (text/event-stream) with `stream`",
         "content": {
             "application/json": {"schema": {"type": "object"}},
-            "text/event-stream": {"schema": {"type": "string"}},
+            # OpenAPI 3.1 (FastAPI's) has an event stream's `schema` describe each event.
+            "text/event-stream": {"schema": SSE_EVENT},
         },
     }
 }
