@@ -69,6 +69,37 @@ def test_loosening_returns_to_the_midpoint_below_a_known_good_budget() -> None:
     assert (state.budget, state.bad, state.good) == (75, 50, 100)
 
 
+def test_a_sudden_fall_while_settled_loosens_by_the_full_factor_at_once() -> None:
+    state = ControllerState(budget=80, good=80, bad=76, settled=True, hits=400, n=500, target=0.8)
+    state = feed(state, [False] * 10, CONFIG)
+    assert (state.budget, state.bad, state.good, state.settled) == (160, 80, None, False)
+
+
+def test_a_small_lasting_deficit_while_settled_steps_up_a_little() -> None:
+    state = ControllerState(budget=80, good=80, bad=76, settled=True, target=0.8)
+    fed = 0
+    while state.budget == 80 and fed < 2000:
+        state = feed(state, [True, True, True, False], CONFIG)  # EM 0.75: never a sudden fall
+        fed += 4
+    assert (state.budget, state.bad) == (84, 80) and fed > CONFIG.window
+
+
+def test_the_budget_is_not_cut_while_the_reporting_window_misses_the_target() -> None:
+    state = ControllerState(budget=100, target=0.8, window=(False,) * CONFIG.window)
+    state = feed(state, [True] * 39, CONFIG)  # the arm is good, but the window holds only 39 hits of 50
+    assert state.budget == 100 and state.n == 39
+    state = feed(state, [True], CONFIG)
+    assert state.budget < 100
+
+
+def test_em_far_below_target_for_a_while_loosens_before_the_arm_test_would() -> None:
+    config = replace(CONFIG, min_samples=60, cooldown=60, max_samples=200)
+    state = ControllerState(budget=100, good=120, target=0.8)
+    while state.budget == 100:
+        state = feed(state, [True, True, False], config)  # EM 0.67, more than 0.1 below target
+    assert (state.budget, state.bad) == (110, 100) and state.samples < config.min_samples + CONFIG.window
+
+
 def test_budget_stays_within_bounds() -> None:
     config = ControllerConfig(min_budget=16, max_budget=64)
     state = feed(initial_state(config), [True] * 500, config)
@@ -114,6 +145,10 @@ def test_override_budget_resets_the_evidence() -> None:
         ({"max_samples": 5}, "max_samples"),
         ({"z_drift": -1.0}, "z_drift"),
         ({"resolution": 1.0}, "resolution"),
+        ({"drift_drop": 0.9}, "drift_drop"),
+        ({"drift_threshold": 0.0}, "drift_threshold"),
+        ({"deficit": 0.0}, "deficit"),
+        ({"deficit_samples": 0}, "deficit_samples"),
     ],
 )
 def test_bad_controller_config_is_refused_naming_the_field(kwargs: dict[str, float], field: str) -> None:
@@ -127,6 +162,13 @@ def test_state_round_trips_through_json() -> None:
     assert again == state
     with pytest.raises(ValueError, match="unknown"):
         state_from_dict({**state_to_dict(state), "nonsense": 1})
+
+
+def test_state_stored_before_the_drift_statistics_existed_still_loads() -> None:
+    stored = state_to_dict(settled_state(0))
+    del stored["drop"], stored["short"]
+    state = state_from_dict(stored)
+    assert (state.drop, state.short) == (0.0, 0) and state.budget == stored["budget"]
 
 
 def test_wilson_interval_contains_the_estimate() -> None:
@@ -150,7 +192,9 @@ def test_raised_target_moves_the_budget_up(seed: int) -> None:
     config = replace(CONFIG, target=0.95)
     after = sim.run(config, [(0, sim.MEASURED)], 400, seed, state=state)
     b_star = sim.smallest_budget(sim.MEASURED, 0.95, 0, 8, 400)
-    assert b_star is not None and after.final.budget >= b_star > state.budget
+    assert b_star is not None and b_star > state.budget and after.final.budget > state.budget
+    # At b* or a budget whose true EM is within 0.01 of the new target (no test tells those apart).
+    assert sim.MEASURED(after.final.budget, 0) >= 0.95 - 0.01
     assert after.final.target == 0.95
 
 
@@ -204,34 +248,34 @@ def share(passed: list[bool]) -> float:
 
 def test_goal1_budget_settles_near_b_star_within_300_samples() -> None:
     """Goal 1. Criterion: from a cold start at max_budget on the measured curve (b* = 79 at target 0.8),
-    the budget stays within +-10% of b* at every sample from 300 through 599, for at least 84% of 50 seeds
-    (measured: 43 of 50; median settle sample 153)."""
+    the budget stays within +-10% of b* at every sample from 300 through 599, for at least 90% of 50 seeds
+    (measured: 45 of 50, and 453 of the 500 seeds 1000-1499; median settle sample 153)."""
     assert B_STAR == 79
     passed = [sim.settled_from(measured_run(seed).budgets[:600], B_STAR) <= 300 for seed in SEEDS]
-    assert share(passed) >= 0.84, passed
+    assert share(passed) >= 0.90, passed
 
 
 def test_goal2_window_em_recovers_within_100_samples_of_harder_traffic() -> None:
     """Goal 2. Criterion: after the curve is stretched 1.5x at sample 1100, the 50-sample window EM, once
-    below the target, is back at or above it within 100 samples of the shift, for at least 88% of 50 seeds
-    (measured: 45 of 50; median 70 samples)."""
+    below the target, is back at or above it within 100 samples of the shift, for all 50 seeds (measured:
+    50 of 50, at most 94 samples, median 53; 489 of the 500 seeds 1000-1499)."""
     passed = [sim.recovery(measured_run(seed).window_em, CONFIG.target, SHIFT) <= 100 for seed in SEEDS]
-    assert share(passed) >= 0.88, passed
+    assert all(passed), passed
 
 
 def test_goal3_window_em_never_long_below_target_minus_0_1() -> None:
     """Goal 3. Criterion: over the whole run (cold start, settle, harder traffic), the window EM is below
-    target - 0.1 (a window EM of exactly 0.7 is not below) for at most 50 consecutive samples, for at least
-    96% of 50 seeds (measured: 50 of 50)."""
+    target - 0.1 (a window EM of exactly 0.7 is not below) for at most 50 consecutive samples, for all 50
+    seeds (measured: 50 of 50, at most 47 samples; 492 of the 500 seeds 1000-1499)."""
     passed = [
         sim.longest_run_below(measured_run(seed).window_em, round(CONFIG.target - 0.1, 9)) <= 50 for seed in SEEDS
     ]
-    assert share(passed) >= 0.96, passed
+    assert all(passed), passed
 
 
 def test_goal4_steady_budget_changes_direction_rarely() -> None:
     """Goal 4. Criterion: between samples 300 and 800 (steady traffic), the budget changes direction at
-    most 3 times, for all 50 seeds."""
+    most 3 times, for all 50 seeds (measured: at most once; all of the 500 seeds 1000-1499)."""
     for seed in SEEDS:
         assert sim.direction_changes(measured_run(seed).budgets[300:801]) <= 3, seed
 

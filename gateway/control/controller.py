@@ -13,27 +13,49 @@ rests on a test of the samples taken at the setting in force (the *arm*):
   target and the Wilson lower bound at ``z_decide`` (0: the point estimate)
   decides.
 
+A good verdict waits while the reporting window (the last ``window`` samples
+at any setting) is below the target: the budget is never cut while EM, as
+users see it, misses.
+
 **Search.** EM rises with the budget, so the controller bisects for the
 smallest good budget. It remembers ``bad`` (the largest budget shown to miss)
 and ``good`` (the smallest shown to meet). A good arm moves down: to the
 midpoint between ``bad`` and ``good``, or by the factor ``tighten`` while no
-bad budget is known. A bad arm moves up: to the midpoint, or by the factor
-``loosen`` while no good budget is known. The search ends (**settled**) when
-``good - bad`` is at most ``resolution`` of the budget (the *gap*); the
-controller then runs at ``good``.
+bad budget is known. A bad arm moves up: to the midpoint; or, while no good
+budget is known, by the factor ``loosen`` when EM is far below the target
+(the Wilson upper bound at ``z_loosen`` under ``target - drift_drop``) and by
+``drift_step`` gaps when it is only a little below. The search ends
+(**settled**) when ``good - bad`` is at most ``resolution`` of the budget (the
+*gap*); the controller then runs at ``good``.
 
 **Levels.** A stricter level (lower index) at the same budget never spends
 more tokens, so a good arm first tries the next stricter level at the same
 budget; if that level fails, it goes back and stops trying stricter levels
 (until drift or a new target). A bad arm at ``max_budget`` raises the level.
 
-**Settled.** Settled, the controller watches the last ``window`` samples at
-the setting in force, and nothing else moves it. When their Wilson upper
-bound (``z_drift``) falls below the target, the budget in force is marked bad
-and the search re-opens ``drift_step`` gaps above it (a false alarm costs a
-small step; real harder traffic fails that step too and loosens by
-``loosen``). When their Wilson lower bound (``z_drift``) clears the midpoint
-between the target and 1, the search re-opens below (easier traffic).
+**Drift.** Three checks, each for its own kind of change:
+
+* *A sudden fall* (harder traffic): a CUSUM of the log-likelihood ratio of
+  EM ``drift_drop`` below the arm's usual EM against EM at it (the target
+  while searching; the arm's own EM, if lower, once settled) runs over every
+  sample at the setting in force. When it reaches ``drift_threshold`` (while
+  settled, or while no good budget is known) the budget in force is bad, what
+  was good above it is stale, and the budget goes up by ``loosen`` at once.
+  The statistic carries over a small step up, so creeping up after harder
+  traffic turns into the full step.
+* *A small, lasting deficit* (settled a little low): settled, once the
+  arm's Wilson upper bound at ``z_drift`` over all its samples (at least
+  ``window``) is below the target, the budget steps up ``drift_step`` gaps
+  and the search goes on from there.
+* *EM far below target for a while*: when the full reporting window has been
+  more than ``deficit`` below the target for ``deficit_samples`` samples in a
+  row, and the arm in force (with that many samples) misses the target too,
+  the arm is bad at once.
+
+Settled, when the Wilson lower bound (``z_drift``) of the last ``window``
+samples at the setting clears the midpoint between the target and 1, the
+search re-opens below (easier traffic). Nothing else moves a settled
+controller.
 
 **Late samples.** A sample taken at another budget or level than the one in
 force (a request that started before the last change) counts toward the
@@ -78,6 +100,10 @@ class ControllerConfig:
     resolution: float = 0.05
     window: int = 50
     drift_step: int = 1
+    drift_drop: float = 0.15
+    drift_threshold: float = 4.5
+    deficit: float = 0.1
+    deficit_samples: int = 25
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target <= 1.0:
@@ -109,6 +135,14 @@ class ControllerConfig:
             raise ValueError(f"window: must be >= 1, got {self.window}")
         if self.drift_step < 1:
             raise ValueError(f"drift_step: must be >= 1, got {self.drift_step}")
+        if not 0.0 < self.drift_drop < self.target:
+            raise ValueError(f"drift_drop: must be in (0, target), got {self.drift_drop}")
+        if self.drift_threshold <= 0:
+            raise ValueError(f"drift_threshold: must be > 0, got {self.drift_threshold}")
+        if not 0.0 < self.deficit < self.target:
+            raise ValueError(f"deficit: must be in (0, target), got {self.deficit}")
+        if self.deficit_samples < 1:
+            raise ValueError(f"deficit_samples: must be >= 1, got {self.deficit_samples}")
 
 
 @dataclass(frozen=True)
@@ -142,6 +176,8 @@ class ControllerState:
     adjustments: int = 0  # changes of budget or level
     reversals: int = 0  # budget moves opposite to the previous one
     frozen: bool = False
+    drop: float = 0.0  # CUSUM of the evidence that EM fell by ``drift_drop`` at the setting in force
+    short: int = 0  # consecutive samples with the full reporting window more than ``deficit`` below target
 
     @property
     def window_em(self) -> float:
@@ -188,6 +224,7 @@ def override_budget(
         hits=0,
         n=0,
         recent=(),
+        drop=0.0,
         last_direction=0,
         adjustments=state.adjustments + int((budget, new_level) != (state.budget, state.level)),
     )
@@ -218,12 +255,15 @@ def _forget(state: ControllerState, config: ControllerConfig) -> ControllerState
         probing_level=False,
         settled=False,
         target=config.target,
+        drop=0.0,
     )
 
 
 def step(state: ControllerState, sample: Sample, config: ControllerConfig) -> ControllerState:
     """Fold one EM sample into the state, and change the setting when the evidence says so."""
-    s = replace(state, window=(*state.window, sample.correct)[-config.window :], samples=state.samples + 1)
+    window = (*state.window, sample.correct)[-config.window :]
+    short = len(window) >= config.window and sum(window) < (config.target - config.deficit) * len(window)
+    s = replace(state, window=window, samples=state.samples + 1, short=state.short + 1 if short else 0)
     if s.frozen:
         return s
     s = retarget(s, config)
@@ -235,22 +275,27 @@ def step(state: ControllerState, sample: Sample, config: ControllerConfig) -> Co
         n=s.n + 1,
         recent=(*s.recent, sample.correct)[-config.window :],
     )
+    level = min(config.target, s.hits / s.n) if s.settled and s.n >= config.cooldown else config.target
+    s = replace(s, drop=max(0.0, s.drop + _drop_llr(sample.correct, level, config)))
+    if s.drop >= config.drift_threshold and (s.good is None or s.settled):
+        # A sudden fall (harder traffic): the budget in force is bad, and what was good
+        # above it is stale. Loosen by the full factor at once.
+        return _loosen(replace(s, settled=False, good=None, floor_level=0, drop=0.0), config, jump=True)
+    if s.short >= config.deficit_samples and s.n >= config.deficit_samples and s.hits < config.target * s.n:
+        # Users have seen EM far below the target for a while, and the arm in force misses
+        # too: it is bad now, whatever its own test would say later.
+        return _loosen(replace(s, settled=False, floor_level=0, short=0), config)
     if s.settled:
         return _watch(s, config)
     return _search(s, config)
 
 
 def _watch(s: ControllerState, config: ControllerConfig) -> ControllerState:
-    """Settled: re-open the search only when the recent window drifts clearly off the target."""
+    """Settled: re-open the search only when the evidence says EM moved off the target."""
+    if s.n >= config.window and wilson(s.hits, s.n, config.z_drift)[1] < config.target:
+        # A small, lasting deficit (the search settled a little low): step up a little.
+        return _loosen(replace(s, settled=False, good=None, floor_level=0), config)
     hits, n = sum(s.recent), len(s.recent)
-    if n >= config.window and wilson(hits, n, config.z_drift)[1] < config.target:
-        # EM fell: the budget in force is bad now, and what was good above it is stale. A
-        # false alarm is likelier than a large shift, so take one small step up first; if
-        # that step fails too, the search loosens by ``loosen`` from there.
-        step_up = min(config.max_budget, s.budget + config.drift_step * _settle_gap(s.budget, config))
-        if step_up == s.budget:
-            return _loosen(replace(s, settled=False, good=None, floor_level=0), config)
-        return _move(replace(s, settled=False), step_up, s.level, good=None, bad=s.budget, floor_level=0)
     headroom = config.target + (1.0 - config.target) / 2
     if n >= config.window and wilson(hits, n, config.z_drift)[0] >= headroom:
         # Easier traffic: bisect again, between this budget and ``tighten`` times it.
@@ -259,26 +304,40 @@ def _watch(s: ControllerState, config: ControllerConfig) -> ControllerState:
     return s
 
 
+def _drop_llr(correct: bool, level: float, config: ControllerConfig) -> float:
+    """Log-likelihood ratio of one outcome: EM at ``level - drift_drop`` against EM at ``level``."""
+    p0 = min(max(level, 1e-3), 1.0 - 1e-3)
+    p1 = max(p0 - config.drift_drop, p0 / 2)
+    return math.log(p1 / p0) if correct else math.log((1.0 - p1) / (1.0 - p0))
+
+
 def _search(s: ControllerState, config: ControllerConfig) -> ControllerState:
     lower = wilson(s.hits, s.n, config.z_tighten)[0]
     upper = wilson(s.hits, s.n, config.z_loosen)[1]
     if s.n >= config.min_samples and upper < config.target:
         return _loosen(s, config)
-    if s.n >= config.cooldown and lower >= config.target:
+    if s.n >= config.cooldown and lower >= config.target and not _window_low(s, config):
         return _tighten(s, config)
     if s.n >= config.max_samples:
         # Within noise of the target: more samples would cost more than they tell, so the
         # point estimate decides.
-        good = wilson(s.hits, s.n, config.z_decide)[0] >= config.target
-        return _tighten(s, config) if good else _loosen(s, config)
+        if wilson(s.hits, s.n, config.z_decide)[0] < config.target:
+            return _loosen(s, config)
+        if not _window_low(s, config):
+            return _tighten(s, config)
     return s
+
+
+def _window_low(s: ControllerState, config: ControllerConfig) -> bool:
+    """The reporting window (all settings) misses the target: no budget cut until it recovers."""
+    return len(s.window) >= config.window and s.window_em < config.target
 
 
 def _settle_gap(budget: int, config: ControllerConfig) -> int:
     return max(1, math.ceil(config.resolution * budget))
 
 
-def _move(s: ControllerState, budget: int, level: int, **changes: Any) -> ControllerState:
+def _move(s: ControllerState, budget: int, level: int, drop: float = 0.0, **changes: Any) -> ControllerState:
     direction = (budget > s.budget) - (budget < s.budget)
     reversed_ = direction != 0 and s.last_direction != 0 and direction != s.last_direction
     return replace(
@@ -291,6 +350,7 @@ def _move(s: ControllerState, budget: int, level: int, **changes: Any) -> Contro
         last_direction=direction or s.last_direction,
         adjustments=s.adjustments + 1,
         reversals=s.reversals + int(reversed_),
+        drop=drop,
         **changes,
     )
 
@@ -316,7 +376,7 @@ def _budget_down(s: ControllerState, config: ControllerConfig) -> ControllerStat
     return _move(s, candidate, s.level)
 
 
-def _loosen(s: ControllerState, config: ControllerConfig) -> ControllerState:
+def _loosen(s: ControllerState, config: ControllerConfig, jump: bool = False) -> ControllerState:
     """The arm in force is bad: undo a level trial, else a larger budget, else a looser level."""
     if s.probing_level:
         # The stricter level misses at this budget, which is good at the level above: go back
@@ -330,7 +390,12 @@ def _loosen(s: ControllerState, config: ControllerConfig) -> ControllerState:
             return _move(s, s.good, s.level, settled=True)
         return _move(s, (s.budget + s.good + 1) // 2, s.level)
     if s.budget < config.max_budget:
-        return _move(s, min(config.max_budget, math.ceil(s.budget * config.loosen)), s.level, good=None)
+        if jump or wilson(s.hits, s.n, config.z_loosen)[1] < config.target - config.drift_drop:
+            return _move(s, min(config.max_budget, math.ceil(s.budget * config.loosen)), s.level, good=None)
+        # Only a little below: a small step, and the evidence of a sudden fall carries over to
+        # it, so that creeping up after harder traffic soon turns into the full step.
+        up = min(config.max_budget, s.budget + config.drift_step * _settle_gap(s.budget, config))
+        return _move(s, up, s.level, drop=s.drop, good=None)
     if s.level < config.levels - 1:
         # Even the maximum budget misses at this level: a looser level starts a new search.
         return _move(s, s.budget, s.level + 1, good=None, bad=None, floor_level=s.level + 1)
