@@ -59,11 +59,20 @@ def normalize_number(text: str) -> str:
 
     ``"1,234"``, ``"+1234"``, ``"1234."`` and ``"1234.00"`` all become ``"1234"``;
     ``"\u22125"`` (unicode minus) becomes ``"-5"``; ``"0.50"`` becomes ``"0.5"``.
+    Text that becomes a number once normalised (``"00:"``) is that number, so
+    normalising twice changes nothing.
     """
-    candidate = text.strip().translate(_MINUS_SIGNS)
-    match = _NUMBER.fullmatch(candidate)
+    number = _canonical_number(text)
+    if number is not None:
+        return number
+    plain = normalize_text(text)
+    return _canonical_number(plain) or plain
+
+
+def _canonical_number(text: str) -> str | None:
+    match = _NUMBER.fullmatch(text.strip().translate(_MINUS_SIGNS))
     if match is None:
-        return normalize_text(text)
+        return None
     sign, whole, fraction = match.group(1), match.group(2), match.group(3) or ""
     whole = whole.replace(",", "").lstrip("0") or "0"
     fraction = fraction.rstrip("0")
