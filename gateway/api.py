@@ -201,13 +201,14 @@ async def _sse_body(
     item: ReferenceItem | None,
     ticket: Ticket,
 ) -> AsyncIterator[bytes]:
-    code = 200
+    code, ended = 200, False
     texts = [choice_text(first)]
     try:
         yield sse.encode(first)
         async for chunk in chunks:
             texts.append(choice_text(chunk))
             yield sse.encode(chunk)
+        ended = True
     except GatewayError as exc:
         code = exc.status_code
         if isinstance(exc, UpstreamError):
@@ -224,9 +225,18 @@ async def _sse_body(
             await chunks.aclose()  # type: ignore[attr-defined]
             _record(services, gen, code, started)
             ticket.release()
-            if code == 200:
+            if code == 200 and ended:
                 _finished(services, gen, item, "".join(texts))
+            elif code == 200:  # the client left: its tokens count as live work, its partial text is no sample
+                _count_live(services, gen)
     yield sse.DONE_EVENT
+
+
+def _count_live(services: Services, gen: AnyGeneration) -> None:
+    try:
+        services.control.count_live(gen.ctx.route.name, gen.accounting.net)
+    except Exception:
+        log.exception("evaluation bookkeeping failed for request %s", gen.ctx.request_id)
 
 
 def _finished(services: Services, gen: AnyGeneration, item: ReferenceItem | None, text: str) -> None:

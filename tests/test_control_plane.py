@@ -105,6 +105,19 @@ def test_streamed_requests_are_scored_too(plane_gateway: Any) -> None:
     assert s["samples"]["gold"] == 1 and s["controller"]["window"]["em"] == 1.0
 
 
+def test_a_stream_the_client_left_is_no_sample(plane_gateway: Any) -> None:
+    engine, start = plane_gateway
+    engine.default = Script(pieces=["<think>"] + ["1+2=3\n"] * 200, delay_s=0.01)
+    with start() as (url, _):
+        body = {"model": "arith", "prompt": "Q: 1+2=?\n", "stream": True, "stopgate": {"reference_id": "a1"}}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+            next(r.iter_lines())  # one chunk, then leave: the partial text must not be scored (as wrong)
+        assert wait_until(lambda: engine.stats.cancelled == 1 and engine.stats.active == 0)
+        time.sleep(0.2)
+        s = state(url)
+    assert s["samples"]["gold"] == 0 and s["controller"]["window"]["samples"] == 0
+
+
 def test_an_unknown_reference_id_is_a_400_and_reaches_no_engine(plane_gateway: Any) -> None:
     engine, start = plane_gateway
     with start() as (url, _):
