@@ -197,6 +197,24 @@ def test_each_policy_answers_on_both_endpoints(
     )
 
 
+def test_a_plain_string_marker_stops_the_engine_itself(real_gateway: RealGateway, vllm_engine: EmbeddedEngine) -> None:
+    """The cue marker goes to vLLM as a stop string: the engine finishes the main request itself (an abort is not
+    a success in vLLM's counters) and generates nothing past it; the client still gets the forced answer."""
+    url, _ = real_gateway
+    marker = {"policy": "marker", "params": {"pattern": r"\ncheck\n"}}
+    before = _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
+    finished = _vllm_metric(vllm_engine.url, "vllm:request_success_total")
+    body = {"model": "tinyreason", "prompt": LONG, "temperature": 0, "stopgate": marker}
+    r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    ext, text = r.json()["stopgate"], r.json()["choices"][0]["text"]
+    assert ext["stop_reason"] == "answer_complete" and "\ncheck\n</think>\n####" in text, text
+    time.sleep(0.5)
+    generated = _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total") - before
+    assert ext["tokens"]["forced"] > 0 and generated <= ext["tokens"]["net"] + 2
+    assert _vllm_metric(vllm_engine.url, "vllm:request_success_total") - finished == 2  # the main and the forced
+
+
 def test_early_stop_saves_tokens_on_the_real_engine(real_gateway: RealGateway) -> None:
     """Convergence stops inside the check pass: fewer main tokens than the full reasoning, same answer.
 
