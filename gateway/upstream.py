@@ -89,7 +89,11 @@ class Upstream:
             # engine's time to first token under load; httpx's 5 s default won't.
             # Waiting for a free connection is waiting for the engine too: it gets the read timeout.
             timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=read_timeout_s),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            # Idle connections are dropped before the engine's uvicorn drops them (its keep-alive is 5 s, as is
+            # httpx's default): reusing one it has just closed is a ReadError (a 503) on a request that never ran.
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=4.0
+            ),
             transport=transport,
         )
 
