@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import anyio
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import sse
@@ -136,10 +136,8 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
         if req.stream:
             chunks = gen.chunks()
             first = await _first(chunks)
-            response: Response = StreamingResponse(
-                _sse_body(first, chunks, gen, services, started, item, ticket),
-                media_type="text/event-stream",
-                headers={**headers, "cache-control": "no-cache"},
+            response: Response = sse.EventStreamResponse(
+                _sse_body(first, chunks, gen, services, started, item, ticket), headers=headers
             )
             ticket = None  # the stream's body releases it when the stream ends
             return response
