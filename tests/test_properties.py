@@ -43,9 +43,9 @@ def test_sse_decoding_does_not_depend_on_where_the_bytes_are_split(payloads: lis
     ending = data.draw(st.sampled_from(["\n", "\r\n", "\r"]))
     stream = stream.replace("\n", ending)
     decoder = SSEDecoder()
-    events: list[str] = []
+    events: list[bytes] = []
     for piece in split_points(stream, data):
-        events.extend(decoder.feed(piece))
+        events.extend(decoder.feed(piece.encode()))
     events.extend(decoder.flush())
     assert [json.loads(e) for e in events] == payloads
 
@@ -55,7 +55,7 @@ def test_sse_decoding_does_not_depend_on_where_the_bytes_are_split(payloads: lis
 def test_sse_decoder_never_raises_on_arbitrary_text(text: str, data: st.DataObject) -> None:
     decoder = SSEDecoder()
     for piece in split_points(text, data):
-        decoder.feed(piece)
+        decoder.feed(piece.encode())
     decoder.flush()
 
 
