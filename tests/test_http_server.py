@@ -1,4 +1,4 @@
-"""The gateway's uvicorn protocol: a response head goes out with the first body bytes, in order, never lost."""
+"""The gateway's uvicorn protocol: the writes of one loop turn go out as one, in order, never lost."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import httpx
 
-from gateway.http_server import _HeadWithBody
+from gateway.http_server import _Coalescing
 from gateway.threaded import serve_in_thread
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
@@ -36,7 +36,7 @@ class Recorder:
 def test_a_head_and_the_body_written_in_one_loop_turn_go_out_in_one_write() -> None:
     async def main() -> list[bytes]:
         real = Recorder()
-        transport = _HeadWithBody(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
         transport.write(HEAD)
         transport.write(b"ok")
         await asyncio.sleep(0)
@@ -48,7 +48,7 @@ def test_a_head_and_the_body_written_in_one_loop_turn_go_out_in_one_write() -> N
 def test_a_head_alone_goes_out_one_loop_turn_later() -> None:
     async def main() -> tuple[list[bytes], list[bytes]]:
         real = Recorder()
-        transport = _HeadWithBody(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
         transport.write(HEAD)
         before = list(real.writes)
         await asyncio.sleep(0)
@@ -58,19 +58,45 @@ def test_a_head_alone_goes_out_one_loop_turn_later() -> None:
     assert before == [] and after == [HEAD]
 
 
-def test_closing_writes_a_held_head_first_and_other_calls_reach_the_real_transport() -> None:
+def test_the_writes_of_one_loop_turn_go_out_in_one_write_in_order() -> None:
+    async def main() -> list[bytes]:
+        real = Recorder()
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        for piece in (b"a", b"b", b"c"):
+            transport.write(piece)
+        await asyncio.sleep(0)
+        transport.write(b"d")
+        await asyncio.sleep(0)
+        return real.writes
+
+    assert asyncio.run(main()) == [b"abc", b"d"]
+
+
+def test_closing_writes_what_is_held_first_and_other_calls_reach_the_real_transport() -> None:
     async def main() -> Recorder:
         real = Recorder()
-        transport = _HeadWithBody(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
         assert transport.get_extra_info("peername") == "extra:peername"
-        transport.write(b"body bytes pass straight through")
+        transport.write(b"body bytes ")
         transport.write(HEAD)
         transport.close()
         await asyncio.sleep(0)  # the scheduled flush finds nothing held: no second copy
         return real
 
     real = asyncio.run(main())
-    assert real.writes == [b"body bytes pass straight through", HEAD] and real.closed
+    assert real.writes == [b"body bytes " + HEAD] and real.closed
+
+
+def test_nothing_held_is_written_to_a_transport_that_is_already_closing() -> None:
+    async def main() -> Recorder:
+        real = Recorder()
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"late")
+        real.closed = True  # the peer went away
+        await asyncio.sleep(0)
+        return real
+
+    assert asyncio.run(main()).writes == []
 
 
 def test_served_responses_are_whole_json_and_streams_under_the_protocol() -> None:
