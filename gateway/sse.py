@@ -13,7 +13,8 @@ slice per event, with no per-line buffer copies.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 import anyio
@@ -31,6 +32,15 @@ class SSEDecoder:
         self._cr = False  # the last piece ended in CR: it may be the first half of CRLF
 
     def feed(self, data: bytes) -> list[bytes]:
+        if (
+            not self._buffer
+            and not self._cr
+            and data.startswith(b"data: ")
+            and data.find(b"\n") == len(data) - 2
+            and data.endswith(b"\n\n")
+            and b"\r" not in data
+        ):
+            return [data[6:-2]]  # the usual piece: exactly one event of one data line
         if self._cr:
             data = b"\r" + data
             self._cr = False
@@ -73,8 +83,27 @@ def _event_data(block: bytes) -> bytes | None:
     return b"\n".join(data) if data else None
 
 
-# Built once: json.dumps with any non-default argument builds a new encoder per call.
-_encode_json = json.JSONEncoder(separators=(",", ":")).encode
+def _unserialisable(obj: Any) -> Any:
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _make_json_encoder() -> Callable[[Any], str]:
+    """Compact JSON (``ensure_ascii``), as ``json.dumps(..., separators=(",", ":"))`` writes it.
+
+    ``JSONEncoder.encode`` builds a C encoder on every call; this builds it once.
+    No circular-reference check: chunks are trees of plain values.
+    """
+    if c_make_encoder is None:  # no C accelerator (not CPython)
+        return json.JSONEncoder(separators=(",", ":")).encode
+    iterencode = c_make_encoder(None, _unserialisable, encode_basestring_ascii, None, ":", ",", False, False, True)
+
+    def encode_json(obj: Any) -> str:
+        return "".join(iterencode(obj, 0))
+
+    return encode_json
+
+
+_encode_json = _make_json_encoder()
 _decoder = json.JSONDecoder()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -60,6 +61,17 @@ def test_sse_decoder_never_raises_on_arbitrary_text(text: str, data: st.DataObje
 
 
 # -- EM normalisation and matching ---------------------------------------------------------
+
+
+@FAST
+@given(payload=st.dictionaries(st.text(max_size=10), json_values, max_size=4))
+def test_sse_encoding_writes_what_json_dumps_writes(payload: dict[str, Any]) -> None:
+    assert encode(payload) == f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def test_sse_encoding_refuses_what_json_cannot_write() -> None:
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        encode({"x": {1}})
 
 
 @FAST
@@ -145,3 +157,11 @@ def test_convergence_stops_only_on_agreeing_answers(answers: list[str]) -> None:
         if decision.action is Action.STOP:
             assert len(seen) >= 2 and seen[-1] == seen[-2]
             return
+
+
+def test_sse_decoder_takes_one_whole_event_per_piece_and_still_joins_data_lines() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: x\n\n") == [b"x"]
+    assert decoder.feed(b"data: a\ndata: b\n\n") == [b"a\nb"]
+    assert decoder.feed(b"data: y\r\n\r\n") == [b"y"]
+    assert decoder.feed(b"data: z\n") == [] and decoder.feed(b"\n") == [b"z"]
