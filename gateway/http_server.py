@@ -16,7 +16,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+try:  # httptools is uvicorn's optional fast parser ("uvicorn[standard]"); h11 is always there
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _Protocol
+except ImportError:  # pragma: no cover - only without httptools
+    _Protocol = H11Protocol  # type: ignore[assignment,misc]
 
 
 class _Coalescing:
@@ -48,8 +53,8 @@ class _Coalescing:
         return getattr(self._transport, name)
 
 
-class HttpProtocol(HttpToolsProtocol):
-    """``uvicorn.Config(http=HttpProtocol)``: httptools, one write per loop turn."""
+class HttpProtocol(_Protocol):
+    """``uvicorn.Config(http=HttpProtocol)``: httptools (h11 where it is missing), one write per loop turn."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         wrapped: Any = _Coalescing(transport, self.loop)  # type: ignore[arg-type]
