@@ -385,10 +385,3 @@ class _Watch:
     def __init__(self) -> None:
         self.finished = False
         self.client_left = False
-
-
-async def _disconnected(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return

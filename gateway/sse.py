@@ -13,13 +13,9 @@ slice per event, with no per-line buffer copies.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
-
-import anyio
-from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 DONE = b"[DONE]"
 
@@ -132,32 +128,3 @@ def loads(data: bytes) -> Any:
 
 
 DONE_EVENT = encode(DONE.decode())
-
-
-class EventStreamResponse(StreamingResponse):
-    """A ``text/event-stream`` body that is cancelled the moment the client leaves, whatever ASGI version.
-
-    Starlette listens for ``http.disconnect`` only under ASGI spec < 2.4; from 2.4 on it waits for ``send`` to
-    raise. uvicorn's ``send`` returns quietly once the client has gone, so under 2.4 an abandoned stream would
-    be drained to its end and the engine would generate every token for nobody. Cancelling the body is what
-    closes the upstream response, which is how vLLM learns to abort.
-    """
-
-    def __init__(self, content: AsyncIterator[bytes], headers: dict[str, str] | None = None) -> None:
-        super().__init__(
-            content, media_type="text/event-stream", headers={**(headers or {}), "cache-control": "no-cache"}
-        )
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        async with anyio.create_task_group() as tg:
-
-            async def stream() -> None:
-                try:
-                    await self.stream_response(send)
-                except OSError:
-                    pass  # the client went away mid-write; the watcher below sees the disconnect too
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(stream)
-            await self.listen_for_disconnect(receive)
-            tg.cancel_scope.cancel()
