@@ -19,7 +19,6 @@ from gateway.admin import router as admin_router
 from gateway.api import router
 from gateway.auth import build_authenticator
 from gateway.balancer import UpstreamPool
-from gateway.completions_api import CompletionsEndpoints
 from gateway.control.plane import ControlPlane
 from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
@@ -87,7 +86,6 @@ def create_app(
     app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
     app.include_router(admin_router)
-    app.add_middleware(CompletionsEndpoints)  # the hot path, ahead of FastAPI's routing
     openapi.install(app, CompletionRequest, ChatCompletionRequest, model_names=list(routes.by_model()))
     _install_error_handlers(app)
     return app

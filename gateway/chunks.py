@@ -14,11 +14,8 @@ from typing import Any
 from gateway.protocol import Endpoint
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True)
 class ChoiceDelta:
-    """One choice's new output in one chunk. Treat it as immutable; it is not frozen
-    because one is built per chunk and a frozen dataclass builds six times slower."""
-
     index: int
     text: str
     tokens: int
@@ -42,12 +39,8 @@ class ChunkParser:
             usage_delta = usage["completion_tokens"] - self._completion_tokens
             self._completion_tokens = usage["completion_tokens"]
         out = []
-        completions = self.endpoint == "completions"
         for choice in choices:
-            if completions:
-                text = str(choice.get("text") or "")
-            else:
-                text = str((choice.get("delta") or {}).get("content") or "")
+            text = self._text(choice)
             logprobs = choice.get("logprobs")
             if usage_delta is not None and len(choices) == 1:
                 tokens = usage_delta
@@ -57,6 +50,12 @@ class ChunkParser:
                 tokens = 1 if text else 0
             out.append(ChoiceDelta(int(choice.get("index", 0)), text, tokens, choice.get("finish_reason"), logprobs))
         return out
+
+    def _text(self, choice: dict[str, Any]) -> str:
+        if self.endpoint == "completions":
+            return str(choice.get("text") or "")
+        delta = choice.get("delta") or {}
+        return str(delta.get("content") or "")
 
 
 def _logprob_count(logprobs: dict[str, Any]) -> int:
@@ -95,10 +94,7 @@ class ResponseBuilder:
         if "stopgate" in chunk:
             self.extension = chunk["stopgate"]
         for choice in chunk.get("choices") or []:
-            index = int(choice.get("index", 0))
-            acc = self.choices.get(index)
-            if acc is None:
-                acc = self.choices[index] = _ChoiceAcc()
+            acc = self.choices.setdefault(int(choice.get("index", 0)), _ChoiceAcc())
             if self.endpoint == "completions":
                 acc.text.append(choice.get("text") or "")
             else:

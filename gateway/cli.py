@@ -8,7 +8,6 @@ bad setting.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import logging
 import signal
@@ -135,14 +134,8 @@ def _run_uvicorn(settings: Settings) -> int:
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.http_server import HttpProtocol
 
     app = create_app(settings)
-    # Everything built so far (modules, the app, config) lives as long as the process: keep it out
-    # of the cyclic garbage collector, whose full passes over it stalled every request in flight
-    # for tens of milliseconds (the p99 of loadtest/overhead.py).
-    gc.collect()
-    gc.freeze()
     # No access log: Prometheus counts requests, and a log line per request costs CPU.
     config = uvicorn.Config(
         app,
@@ -154,7 +147,6 @@ def _run_uvicorn(settings: Settings) -> int:
         # The stdlib loop, not uvloop: under uvloop, 200 clients leaving at once went unnoticed and their
         # engine requests ran to the end (tests/test_faults.py); under asyncio each one aborts.
         loop="asyncio",
-        http=HttpProtocol,
     )
 
     class DrainingServer(uvicorn.Server):

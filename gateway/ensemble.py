@@ -74,8 +74,6 @@ class EnsembleGeneration:
         raw = self._extract(text or "")
         return self._normalize(raw) if raw is not None else None
 
-    more_buffered = False  # one chunk, sent when every sample is drawn
-
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         samples: list[tuple[Generation, dict[str, Any]]] = []
         wave = self.plan.wave

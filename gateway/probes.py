@@ -159,8 +159,6 @@ class Probes:
 
     async def aclose(self) -> None:
         """Cancel every running probe and wait for each to let go of its connection."""
-        if not self._inflight:
-            return  # the usual case: nothing to cancel, so no shielded scope to pay for
         tasks, self._inflight = self._inflight, []
         for task in tasks:
             task.cancel()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
-from gateway.upstream import ChunkSource, EngineClient
+from gateway.upstream import EngineClient
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
 from policies.compose import Bounded
 from policies.marker import MarkerPolicy
@@ -220,7 +220,6 @@ class Generation:
         self._stop_event = asyncio.Event()
         self._policy_error: PolicyFailed | None = None
         self._finished = False  # the engine ended the stream itself
-        self._stream: ChunkSource | None = None  # the main upstream stream, while it is read
         self.probes: Probes | None = None
         if self.policy is not None:
             route = ctx.route
@@ -281,7 +280,7 @@ class Generation:
         if self.policy is None:
             return
         phase_text = self._thinking_text if self._phase == "thinking" else self._answer_text
-        lps = token_logprobs(delta.logprobs) if delta.logprobs is not None else None
+        lps = token_logprobs(delta.logprobs)
         event = TokenEvent(
             self._phase,  # type: ignore[arg-type]
             text,
@@ -291,19 +290,11 @@ class Generation:
             tuple(lps) if lps else None,
         )
         try:
-            decision = self.policy.on_tokens(event)
+            self._decide(self.policy.on_tokens(event))
         except Exception as exc:
             self._fail(exc)
-            return
-        if decision.action is not Action.CONTINUE:
-            self._decide(decision)
 
     # -- the stream side --------------------------------------------------
-
-    @property
-    def more_buffered(self) -> bool:
-        """The engine's next chunk is already in hand: the next one from ``chunks()`` won't wait on it."""
-        return self._stream is not None and self._stream.more_buffered
 
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         acc = self.accounting
@@ -313,39 +304,33 @@ class Generation:
             async with self.upstream.stream(
                 PATHS[self.ctx.endpoint], self._body, request_id=self.ctx.request_id
             ) as stream:
-                self._stream = stream
-                observe = self.ctx.request.n == 1 or self.policy is not None
                 async for chunk in self._until_stopped(stream):
-                    if not self._meta:
-                        self._remember_meta(chunk)
-                    chunk_usage = chunk.get("usage")
-                    if isinstance(chunk_usage, dict):
-                        usage = chunk_usage
+                    self._remember_meta(chunk)
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
                         acc.prompt = int(usage.get("prompt_tokens") or acc.prompt)
                     if not chunk.get("choices"):
                         continue  # the usage-only chunk; usage rides on our final chunk
                     for delta in self._parser.parse(chunk):
                         if acc.first_token_at is None and delta.text:
                             acc.first_token_at = time.monotonic()
-                        if observe:
+                        if self.ctx.request.n == 1 or self.policy is not None:
                             self._observe(delta)
                         else:
                             acc.thinking += delta.tokens
                     out = self._client_chunk(chunk)
-                    finishing = _finishes(out)
-                    self._finished = self._finished or finishing
+                    self._finished = self._finished or any(c.get("finish_reason") for c in out["choices"])
                     if held is not None:
                         yield held
                         held = None
                     if self._stop_event.is_set():
                         held = out
                         break  # leaving the block closes the upstream stream: the engine aborts
-                    if finishing:
+                    if any(c.get("finish_reason") for c in out["choices"]):
                         held = out
                     else:
                         yield out
         finally:
-            self._stream = None
             if self.probes is not None:
                 await self.probes.aclose()
         if self._policy_error is not None:
@@ -359,7 +344,7 @@ class Generation:
             held = None
             if self._phase == "thinking":
                 async for out in self._forced_answer():
-                    if _finishes(out):
+                    if any(c.get("finish_reason") for c in out["choices"]):
                         held = out
                     else:
                         yield out
@@ -374,7 +359,7 @@ class Generation:
             usage_chunk["usage"] = final["usage"]
             yield usage_chunk
 
-    async def _until_stopped(self, stream: AsyncIterable[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    async def _until_stopped(self, stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
         """The upstream chunks, ending early if a probe result says stop.
 
         While no probe is running only the stream can say stop, so it is read
@@ -496,19 +481,14 @@ class Generation:
             self._meta = {k: chunk[k] for k in ("id", "object", "created") if k in chunk}
 
     def _client_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        """The chunk as the client sees it: its own model name; per-chunk usage only if it asked.
-
-        Edits the chunk in place: it is freshly parsed from the engine's stream and
-        nothing else holds it (the usage dict it carried is kept by reference).
-        """
-        chunk["model"] = self.ctx.request.model
-        if "usage" in chunk:
-            opts = self.ctx.request.stream_options
-            if not (opts is not None and opts.continuous_usage_stats):
-                del chunk["usage"]
-        if not isinstance(chunk.get("choices"), list):
-            chunk["choices"] = []
-        return chunk
+        """The chunk as the client sees it: its own model name; per-chunk usage only if it asked."""
+        out = dict(chunk)
+        out["model"] = self.ctx.request.model
+        opts = self.ctx.request.stream_options
+        if "usage" in out and not (opts is not None and opts.continuous_usage_stats):
+            del out["usage"]
+        out["choices"] = [dict(c) for c in chunk.get("choices") or []]
+        return out
 
     def _text_chunk(self, text: str, *, finish_reason: str | None = None) -> dict[str, Any]:
         """A chunk the gateway writes itself, in the endpoint's format."""
@@ -525,11 +505,3 @@ class Generation:
             "model": self.ctx.request.model,
             "choices": [choice],
         }
-
-
-def _finishes(chunk: dict[str, Any]) -> bool:
-    """Whether any choice of a client chunk carries a finish_reason."""
-    for choice in chunk["choices"]:
-        if choice.get("finish_reason"):
-            return True
-    return False

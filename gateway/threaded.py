@@ -12,15 +12,13 @@ from typing import Any
 import uvicorn
 
 from gateway.engine import free_port
-from gateway.http_server import HttpProtocol
 
 
 @contextmanager
 def serve_in_thread(app: Any, *, port: int | None = None) -> Iterator[str]:
     """Yield the base URL while ``app`` is served; shut it down afterwards."""
     port = port or free_port()
-    # The HTTP protocol `stopgate serve` runs, so the tests exercise it.
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=HttpProtocol)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()

@@ -8,7 +8,6 @@ is how both a client disconnect and an early stop free the engine.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
@@ -22,12 +21,9 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.sse import DONE, SSEDecoder, loads
+from gateway.sse import DONE, iter_sse_data
 
 _MAX_ERROR_BODY = 64 * 1024
-# What httpx's ``json=`` sends, built once: ``json.dumps`` with arguments builds an encoder per call.
-_encode_body = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
-_JSON_TYPE = "application/json"
 
 
 def translate(exc: httpx.HTTPError) -> UpstreamError:
@@ -59,15 +55,6 @@ def _error_message(status: int, raw: bytes) -> tuple[str, str | None]:
     return json.dumps(body)[:500], None
 
 
-class ChunkSource(Protocol):
-    """An engine stream's JSON chunks (``async for``), and whether the next one is already in hand."""
-
-    @property
-    def more_buffered(self) -> bool: ...
-
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
-
-
 class EngineClient(Protocol):
     """What the generation code needs from an engine: one ``Upstream`` or a pool of replicas."""
 
@@ -76,7 +63,7 @@ class EngineClient(Protocol):
 
     def stream(
         self, path: str, body: dict[str, Any], *, request_id: str
-    ) -> AbstractAsyncContextManager[ChunkSource]: ...
+    ) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]: ...
 
     async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any: ...
 
@@ -115,16 +102,15 @@ class Upstream:
 
     @asynccontextmanager
     async def stream(
-        self, path: str, body: dict[str, Any], *, request_id: str, total_timeout_s: float | None = None
-    ) -> AsyncIterator[ChunkStream]:
+        self, path: str, body: dict[str, Any], *, request_id: str
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
         """POST a streaming request; yield an iterator of its JSON chunks.
 
         Raises before yielding if the engine refuses the request, so the
-        caller can still answer with a proper HTTP status. A stream that runs
-        past ``total_timeout_s`` (from now) ends with ``UpstreamTimeout``.
+        caller can still answer with a proper HTTP status.
         """
-        headers = {"content-type": _JSON_TYPE, "x-request-id": request_id}
-        request = self.client.build_request("POST", path, content=_encode_body(body).encode(), headers=headers)
+        headers = {"X-Request-Id": request_id}
+        request = self.client.build_request("POST", path, json=body, headers=headers)
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -136,8 +122,7 @@ class Upstream:
                 if response.status_code < 500:
                     raise UpstreamRejected(response.status_code, message, param=param)
                 raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
-            deadline = None if total_timeout_s is None else time.monotonic() + total_timeout_s
-            yield ChunkStream(response, deadline, total_timeout_s)
+            yield _chunks(response)
         except httpx.HTTPError as exc:
             raise translate(exc) from exc
         finally:
@@ -169,64 +154,28 @@ async def _read_bounded(response: httpx.Response) -> bytes:
     return data[:_MAX_ERROR_BODY]
 
 
-class ChunkStream:
-    """The engine's SSE stream as JSON chunks (iterate it with ``async for``).
-
-    Reads httpx's raw body pieces and decodes the events as bytes (no text
-    decoding of the whole stream, no per-line buffers). ``more_buffered`` is
-    True when the next chunk is already decoded from bytes in hand, so taking
-    it will not wait on the engine: the SSE relay uses it to send a burst of
-    chunks in one write.
-    """
-
-    def __init__(
-        self, response: httpx.Response, deadline: float | None = None, total_timeout_s: float | None = None
-    ) -> None:
-        self.more_buffered = False
-        self._deadline = deadline
-        self._total_timeout_s = total_timeout_s
-        self._chunks = self._iterate(response)
-
-    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
-        return self._chunks
-
-    async def _iterate(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-        decoder = SSEDecoder()
-        done = False
-        deadline = self._deadline
-        pieces = response.aiter_bytes()
-        try:
-            while True:
-                piece = await anext(pieces, b"")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise UpstreamTimeout(
-                        f"The upstream stream ran past the total timeout of {self._total_timeout_s:g} s."
-                    )
-                events = decoder.feed(piece) if piece else decoder.flush()
-                last = len(events) - 1
-                for i, data in enumerate(events):
-                    if done:
-                        continue
-                    if data == DONE:
-                        # Read on to the end of the body: a response closed unfinished
-                        # loses its keep-alive connection, and the next request reconnects.
-                        done = True
-                        continue
-                    try:
-                        chunk = loads(data)
-                    except ValueError as exc:
-                        raise UpstreamError("The upstream engine sent a malformed stream chunk.") from exc
-                    if not isinstance(chunk, dict):
-                        raise UpstreamError("The upstream engine sent a malformed stream chunk.")
-                    if "error" in chunk:
-                        message, _ = _error_message(500, data)
-                        raise UpstreamError(f"The upstream engine failed mid-stream: {message}")
-                    self.more_buffered = i < last and events[i + 1] != DONE
-                    yield chunk
-                self.more_buffered = False
-                if not piece:
-                    break
-        except httpx.HTTPError as exc:
-            raise translate(exc) from exc
-        if not done:
-            raise UpstreamError("The upstream stream ended without [DONE].")
+async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    done = False
+    try:
+        async for data in iter_sse_data(response.aiter_text()):
+            if done:
+                continue
+            if data == DONE:
+                # Read on to the end of the body: a response closed unfinished
+                # loses its keep-alive connection, and the next request reconnects.
+                done = True
+                continue
+            try:
+                chunk = json.loads(data)
+            except ValueError as exc:
+                raise UpstreamError("The upstream engine sent a malformed stream chunk.") from exc
+            if not isinstance(chunk, dict):
+                raise UpstreamError("The upstream engine sent a malformed stream chunk.")
+            if "error" in chunk:
+                message, _ = _error_message(500, data.encode())
+                raise UpstreamError(f"The upstream engine failed mid-stream: {message}")
+            yield chunk
+    except httpx.HTTPError as exc:
+        raise translate(exc) from exc
+    if not done:
+        raise UpstreamError("The upstream stream ended without [DONE].")

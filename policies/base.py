@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, NamedTuple, Protocol
+from typing import Literal, Protocol
 
 Phase = Literal["thinking", "answer"]
 
@@ -36,9 +36,9 @@ def stop(reason: str) -> Decision:
     return Decision(Action.STOP, reason)
 
 
-class TokenEvent(NamedTuple):
-    """New output from the main stream (immutable; a NamedTuple because one is built per chunk,
-    and it builds in a third of a frozen dataclass's time).
+@dataclass(frozen=True)
+class TokenEvent:
+    """New output from the main stream.
 
     ``thinking_tokens`` counts the reasoning so far. ``text`` is the recent
     tail (up to a couple of thousand characters) of the current phase: the

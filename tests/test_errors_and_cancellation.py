@@ -221,3 +221,65 @@ def test_gateway_can_end_the_upstream_stream_itself(fake_engine: tuple[FakeEngin
     assert final["stopgate"]["tokens"]["thinking"] == 5
     assert wait_until(lambda: engine.stats.cancelled == 1 and engine.stats.active == 0)
     assert json.dumps(final)  # serialisable as an SSE event
+
+
+@pytest.mark.parametrize("spec_version", ["2.3", "2.4"])
+def test_event_stream_body_is_cancelled_when_the_client_leaves_under_any_asgi_version(spec_version: str) -> None:
+    """Starlette stops listening for the disconnect under ASGI 2.4; uvicorn's send then returns quietly.
+
+    The gateway's own stream response must still cancel the body (that closes the engine request).
+    """
+    from gateway.sse import EventStreamResponse
+
+    produced: list[int] = []
+    closed = asyncio.Event()
+
+    async def body() -> Any:
+        try:
+            for i in range(10_000):
+                produced.append(i)
+                yield f"data: {i}\n\n".encode()
+                await asyncio.sleep(0.001)
+        finally:
+            closed.set()
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)  # like uvicorn after a disconnect: accepted, never raises
+
+    async def receive() -> Any:
+        while len(sent) < 3:
+            await asyncio.sleep(0.001)
+        return {"type": "http.disconnect"}
+
+    async def run() -> None:
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": spec_version}}
+        await asyncio.wait_for(EventStreamResponse(body())(scope, receive, send), timeout=5)
+
+    asyncio.run(run())
+    assert closed.is_set()
+    assert len(produced) < 100
+    assert sent[0]["type"] == "http.response.start"
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in sent[0]["headers"]
+
+
+def test_event_stream_sends_every_event_then_ends_the_body() -> None:
+    from gateway.sse import EventStreamResponse
+
+    async def body() -> Any:
+        for i in range(3):
+            yield f"data: {i}\n\n".encode()
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        await asyncio.sleep(3600)  # the client stays
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}}
+    asyncio.run(asyncio.wait_for(EventStreamResponse(body())(scope, receive, send), timeout=5))
+    assert [m.get("body") for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n", b"data: 2\n\n", b""]
+    assert sent[-1]["more_body"] is False
