@@ -15,9 +15,10 @@ The second form measures the detector trade-off behind goal 1's drift misses.
 Goal 1 needs no drift alarm in samples 300-599 while EM sits at b* (0.809);
 goal 2 needs the fall to 0.540 at b* that harder traffic brings detected
 soon enough that the 50-sample window can refill by sample 100. For a
-Bernoulli CUSUM, the optimal detector of such a change, it prints per
-assumed drop and threshold the share of runs with a false alarm within 300
-samples and the share detected too late. No row has both small.
+Bernoulli CUSUM on the samples at b* (the optimal detector of such a change
+there) it prints, per assumed drop and threshold, the share of runs with a
+false alarm within 300 samples and the share detected too late. No row has
+both small.
 """
 
 from __future__ import annotations
