@@ -313,7 +313,7 @@ def test_no_drift_threshold_keeps_both_false_alarms_and_late_detections_rare() -
     check raises a false alarm in samples 300-599, and goal 2 needs harder traffic (EM 0.809 -> 0.540 at b*)
     detected within 71 samples. For the Bernoulli CUSUM on the samples at b* (the optimal detector of such a
     change there) at every assumed drop and threshold tried, false alarms or late detections exceed 1.5% of
-    runs. docs/controller.md: a sentinel arm at a larger budget is the way past it, not built yet."""
+    runs (docs/controller.md also gives what a sentinel arm at a larger budget changes)."""
     deadline, rows = detector_tradeoff((0.15, 0.2, 0.25), (4.5, 5.5, 6.5, 7.5), runs=800, seed=1)
     assert deadline == 71
     assert min(max(r.false_alarms, r.late) for r in rows) > 0.015, rows
