@@ -35,7 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from gateway.control.controller import (
     ControllerConfig,
@@ -74,6 +74,19 @@ log = logging.getLogger("stopgate.control")
 GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
 # Stop reasons that mean the request did not run its reasoning to the end.
 NOT_EARLY = frozenset({"finished"})
+
+
+class Shared(Protocol):
+    """Where a replica's samples and tokens go when several replicas share one controller
+    (gateway/control/fleet.py); None for one process on its own store."""
+
+    def submit(self, record: SampleRecord, controlled: bool) -> None: ...
+
+    def add_tokens(self, route: str, kind: str, tokens: int) -> None: ...
+
+    def leads(self, route: str) -> bool: ...
+
+    def describe(self, route: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -120,6 +133,17 @@ def load_route_references(route: RouteConfig) -> ReferenceIndex:
     return ReferenceIndex(tuple(check_route(route, load_reference_file(path)) for path in route.evaluation.references))
 
 
+def route_references(route: RouteConfig, stored: list[tuple[str, str]]) -> ReferenceIndex:
+    """The route's sets from the routes file, then its uploaded sets (``(name, JSONL)``, in upload order)."""
+    try:
+        refs = load_route_references(route)
+        for name, body in stored:
+            refs = refs.replace(check_route(route, parse_reference_lines(name, body, source=f"stored {name!r}")))
+    except (ReferenceSetError, ValueError) as exc:
+        raise ConfigError(f"routes.{route.name}.evaluation.references: {exc}") from exc
+    return refs
+
+
 def check_route(route: RouteConfig, ref_set: ReferenceSet) -> ReferenceSet:
     """A set for ``route`` holds only items of that route: anything else is a mistake in the upload."""
     from gateway.evaluation import ReferenceIssue
@@ -152,6 +176,9 @@ class ControlPlane:
         self.rng = random.Random(seed)
         self.routes: dict[str, RouteControl] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set when replicas share a Redis store: samples then go to the shared log, and the route's
+        # leader (whichever replica holds its lease) steps the controller.
+        self.fleet: Shared | None = None
         for route in routes.routes:
             config = controller_config(route) if route.control is not None and route.control.enabled else None
             state = None
@@ -159,16 +186,15 @@ class ControlPlane:
                 saved = store.load(route.name)  # {} when only samples were saved (no controller then)
                 # retarget: a target changed in the routes file since the state was saved
                 state = retarget(state_from_dict(saved), config) if saved else initial_state(config)
-            try:
-                refs = load_route_references(route)
-                for name, body in store.reference_sets(route.name):  # uploads survive restarts
-                    stored = parse_reference_lines(name, body, source=f"stored {name!r}")
-                    refs = refs.replace(check_route(route, stored))
-            except (ReferenceSetError, ValueError) as exc:
-                raise ConfigError(f"routes.{route.name}.evaluation.references: {exc}") from exc
+            refs = route_references(route, store.reference_sets(route.name))  # uploads survive restarts
             rc = RouteControl(route, config, state, refs, counts=Counter(store.counts(route.name)))
             self.routes[route.name] = rc
             self._publish(rc)
+
+    def load_stored_references(self, route_name: str, stored: list[tuple[str, str]]) -> None:
+        """Replace the route's references with its files' sets plus ``stored`` uploads (another replica's)."""
+        rc = self.routes[route_name]
+        rc.references = route_references(rc.route, stored)
 
     # -- the request path -------------------------------------------------
 
@@ -214,6 +240,8 @@ class ControlPlane:
         """Live generated tokens fund evaluation work (``eval_share``)."""
         rc = self.routes[route]
         rc.live_tokens += tokens
+        if self.fleet is not None:
+            self.fleet.add_tokens(route, "live", tokens)
         self._publish_share(rc)
 
     def observe(
@@ -235,6 +263,9 @@ class ControlPlane:
         budget = gen.spec.budget
         level = controlled.level if controlled is not None else 0
         record = SampleRecord(route, source, budget, level, correct, tokens, time.time(), reference_id)
+        if self.fleet is not None:  # the route's leader steps the controller, in log order
+            self.fleet.submit(record, at_controlled and rc.config is not None)
+            return
         if rc.config is None or rc.state is None or not at_controlled:
             self.store.save(route, state_to_dict(rc.state) if rc.state is not None else {}, record)
             return
@@ -259,6 +290,8 @@ class ControlPlane:
 
     def _spend(self, rc: RouteControl, source: str, tokens: int) -> None:
         rc.eval_tokens[source] += tokens
+        if self.fleet is not None:
+            self.fleet.add_tokens(rc.route.name, source, tokens)
         self.metrics.tokens.labels(rc.route.name, source).inc(tokens)
         self._publish_share(rc)
 
@@ -303,6 +336,8 @@ class ControlPlane:
     async def canary_once(self, route_name: str, upstream: EngineClient) -> bool:
         """Replay one random reference item at the route's settings; False if skipped."""
         rc = self.routes[route_name]
+        if self.fleet is not None and not self.fleet.leads(route_name):
+            return False  # the route's leader schedules the fleet's canaries
         items = rc.references.items()
         if not items or not self._may_evaluate(rc, CANARY):
             return False
@@ -394,6 +429,8 @@ class ControlPlane:
                 "eval_tokens": spent,
             },
         }
+        if self.fleet is not None:
+            out["fleet"] = self.fleet.describe(route_name)
         if rc.config is None or rc.state is None:
             out["controller"] = None
             out["budget"] = rc.route.budget
