@@ -204,3 +204,49 @@ def test_the_store_state_survives_a_redis_restart(tmp_path: Path) -> None:
             assert store.counts("arith")["gold"] == 1
     finally:
         server.stop()
+
+
+def test_samples_buffered_while_redis_is_down_are_appended_in_order_and_overflow_is_counted(tmp_path: Path) -> None:
+    """The fleet loop in-process: the request path only fills a bounded buffer; a round appends it in order."""
+    from prometheus_client import CollectorRegistry
+
+    from gateway.control.fleet import Fleet
+    from gateway.control.plane import ControlPlane
+    from gateway.metrics import Metrics
+    from gateway.settings import Settings
+    from tests.test_fleet import write_routes
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    settings = Settings(upstream_url="http://127.0.0.1:9", routes_file=write_routes(tmp_path), state_url=server.url)
+    metrics = Metrics(CollectorRegistry())
+    plane = ControlPlane(settings, settings.load_routes(), RedisStore(server.url), metrics, in_flight=lambda: 0)
+    fleet = Fleet(plane, RedisLog.from_url(server.url), metrics, buffer_max=3)
+    plane.fleet = fleet
+    registry = metrics.registry
+
+    async def go() -> None:
+        await fleet.round()  # Redis up: this replica takes the lease and publishes the initial state
+        fleet._set_up(True)
+        assert fleet.leads("arith")
+        server.stop()
+        for budget in (1, 2, 3, 4, 5):
+            fleet.submit(record(budget), True)
+        with pytest.raises(Exception):  # noqa: B017 - whichever connection error redis-py raises
+            await fleet.round()
+        fleet._set_up(False)
+        assert not fleet.leads("arith"), "no Redis, no lease: this replica schedules no canaries"
+        server.start()
+        await fleet.round()  # within the lease time: the same replica renews its lease and folds the samples in
+        await fleet.store.aclose()
+
+    try:
+        run(go())
+        assert registry.get_sample_value("stopgate_fleet_dropped_samples_total", {"route": "arith"}) == 2
+        assert registry.get_sample_value("stopgate_fleet_buffered_samples") == 0
+        with RedisStore(server.url) as store:
+            assert [s.budget for s in store.samples("arith")] == [1, 2, 3]
+            assert store.counts("arith")["gold"] == 3
+    finally:
+        plane.store.close()
+        server.stop()

@@ -21,7 +21,8 @@ While Redis cannot be reached the replica serves with the last budget it read,
 keeps samples in a bounded buffer (``stopgate_fleet_buffered_samples``; beyond
 ``buffer_max`` new samples are dropped and counted in
 ``stopgate_fleet_dropped_samples_total``), acts as leader of nothing (so runs
-no canaries), and drains the buffer in order once Redis is back.
+no canaries), and drains the buffer in order once Redis is back; a leader
+whose lease has not run out by then goes on leading.
 """
 
 from __future__ import annotations
@@ -101,8 +102,8 @@ class Fleet:
         self.pending[route][kind] += tokens
 
     def leads(self, route: str) -> bool:
-        """Whether this replica holds the route's lease (only the leader schedules canaries)."""
-        return self.leases[route].token is not None
+        """Whether this replica holds the route's lease and reaches Redis (only the leader schedules canaries)."""
+        return self.up is True and self.leases[route].token is not None
 
     def describe(self, route: str) -> dict[str, Any]:
         view = self.views.get(route)
@@ -164,13 +165,10 @@ class Fleet:
     async def lead(self, route: str) -> None:
         """Take or renew the route's lease; while held, fold the log's new entries into the state."""
         lease = self.leases[route]
-        try:
-            token = await lease.hold()
-        except BaseException:
-            lease.lost()
-            raise
-        finally:
-            self.metrics.fleet_leader.labels(route).set(1 if lease.token is not None else 0)
+        # On a Redis error the token is kept: if the lease has not run out meanwhile, the next hold renews it
+        # and this replica goes on leading; if it has, hold returns None. Writes are safe either way (fencing).
+        token = await lease.hold()
+        self.metrics.fleet_leader.labels(route).set(1 if token is not None else 0)
         if token is None:
             return
         for _ in range(MAX_BATCHES):
@@ -274,8 +272,6 @@ class Fleet:
             else:
                 log.warning("shared store unreachable (%s); serving with the last budget, buffering samples", exc)
         if not up:
-            for lease in self.leases.values():
-                lease.lost()
             for route in self.leases:
                 self.metrics.fleet_leader.labels(route).set(0)
         self.up = up

@@ -33,7 +33,8 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -49,8 +50,8 @@ from gateway.control.controller import (
     step,
     wilson,
 )
-from gateway.control.store import SampleRecord, Store
-from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.control.store import SampleRecord, Store, StoreError
+from gateway.errors import GatewayError, InvalidRequest, NotFound, StateUnavailable
 from gateway.evaluation import (
     ReferenceItem,
     ReferenceSet,
@@ -487,12 +488,14 @@ class ControlPlane:
             references = rc.references.replace(ref_set)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="body") from exc
-        self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
+        with unavailable_if_shared(self):
+            self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
         rc.references = references
         return self.snapshot(route_name)
 
     def _commit(self, rc: RouteControl, state: ControllerState) -> None:
-        self.store.save(rc.route.name, state_to_dict(state))  # first: a failed save changes nothing
+        with unavailable_if_shared(self):
+            self.store.save(rc.route.name, state_to_dict(state))  # first: a failed save changes nothing
         rc.state = state
         self._publish(rc)
 
@@ -511,6 +514,17 @@ class ControlPlane:
     def _publish_share(self, rc: RouteControl) -> None:
         spent = sum(rc.eval_tokens.values())
         self.metrics.eval_share.labels(rc.route.name).set(spent / rc.live_tokens if rc.live_tokens else 0.0)
+
+
+@contextmanager
+def unavailable_if_shared(plane: ControlPlane) -> Iterator[None]:
+    """An admin write while the replicas' shared Redis is down is a 503 (retry), not a server error."""
+    try:
+        yield
+    except StoreError as exc:
+        if plane.fleet is None:
+            raise
+        raise StateUnavailable(f"The shared state store is unreachable; nothing was changed. ({exc})") from exc
 
 
 def canary_request(route: RouteConfig, item: ReferenceItem) -> CompletionRequest | ChatCompletionRequest:
