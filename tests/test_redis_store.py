@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -250,3 +251,21 @@ def test_samples_buffered_while_redis_is_down_are_appended_in_order_and_overflow
     finally:
         plane.store.close()
         server.stop()
+
+
+def test_serve_with_an_unreachable_redis_exits_with_one_line_naming_it() -> None:
+    import subprocess
+    import sys
+
+    from gateway.engine import free_port
+
+    env = {**os.environ, "STOPGATE_STATE_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "serve", "--upstream", "http://127.0.0.1:9", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "cannot reach Redis" in result.stderr and "Traceback" not in result.stderr
