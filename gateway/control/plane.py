@@ -23,7 +23,10 @@ that overrides the policy, its parameters or the budget is scored for the
 window and the counts but does not move the budget.
 
 Every state change is saved to the store with the sample that caused it, in
-one transaction, so a restart resumes where the route was.
+one transaction, so a restart resumes where the route was. When replicas share
+a Redis store (``fleet``), samples go to the route's shared log instead, and
+whichever replica holds the route's lease steps its controller
+(gateway/control/fleet.py).
 """
 
 from __future__ import annotations
@@ -33,10 +36,9 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 from gateway.control.controller import (
     ControllerConfig,
@@ -50,8 +52,9 @@ from gateway.control.controller import (
     step,
     wilson,
 )
-from gateway.control.store import SampleRecord, Store, StoreError
-from gateway.errors import GatewayError, InvalidRequest, NotFound, StateUnavailable
+from gateway.control.shared import Shared, unavailable_if_shared
+from gateway.control.store import SampleRecord, Store
+from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.evaluation import (
     ReferenceItem,
     ReferenceSet,
@@ -75,19 +78,6 @@ log = logging.getLogger("stopgate.control")
 GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
 # Stop reasons that mean the request did not run its reasoning to the end.
 NOT_EARLY = frozenset({"finished"})
-
-
-class Shared(Protocol):
-    """Where a replica's samples and tokens go when several replicas share one controller
-    (gateway/control/fleet.py); None for one process on its own store."""
-
-    def submit(self, record: SampleRecord, controlled: bool) -> None: ...
-
-    def add_tokens(self, route: str, kind: str, tokens: int) -> None: ...
-
-    def leads(self, route: str) -> bool: ...
-
-    def describe(self, route: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -488,13 +478,13 @@ class ControlPlane:
             references = rc.references.replace(ref_set)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="body") from exc
-        with unavailable_if_shared(self):
+        with unavailable_if_shared(self.fleet):
             self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
         rc.references = references
         return self.snapshot(route_name)
 
     def _commit(self, rc: RouteControl, state: ControllerState) -> None:
-        with unavailable_if_shared(self):
+        with unavailable_if_shared(self.fleet):
             self.store.save(rc.route.name, state_to_dict(state))  # first: a failed save changes nothing
         rc.state = state
         self._publish(rc)
@@ -514,17 +504,6 @@ class ControlPlane:
     def _publish_share(self, rc: RouteControl) -> None:
         spent = sum(rc.eval_tokens.values())
         self.metrics.eval_share.labels(rc.route.name).set(spent / rc.live_tokens if rc.live_tokens else 0.0)
-
-
-@contextmanager
-def unavailable_if_shared(plane: ControlPlane) -> Iterator[None]:
-    """An admin write while the replicas' shared Redis is down is a 503 (retry), not a server error."""
-    try:
-        yield
-    except StoreError as exc:
-        if plane.fleet is None:
-            raise
-        raise StateUnavailable(f"The shared state store is unreachable; nothing was changed. ({exc})") from exc
 
 
 def canary_request(route: RouteConfig, item: ReferenceItem) -> CompletionRequest | ChatCompletionRequest:
