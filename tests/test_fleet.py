@@ -231,6 +231,11 @@ def test_redis_restart_serves_every_live_request_and_drains_the_buffer_in_order(
     assert set(fleet.codes[before:]) == {200}, "no 5xx while Redis is down"
     assert sum(metric(r, "stopgate_fleet_buffered_samples") for r in fleet.live()) >= 45
     assert all(snapshot(r)["budget"] == budget_before for r in fleet.live()), "the last known budget serves"
+    # An operator's write cannot be made durable now: 503 with Retry-After, and nothing changes.
+    r = httpx.put(f"{fleet.live()[0].url}/admin/routes/{ROUTE}/budget", json={"budget": 8}, headers=ADMIN, timeout=30)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "state_store_unavailable", r.text
+    assert r.headers["retry-after"] == "1"
+    assert snapshot(fleet.live()[0])["budget"] == budget_before
     fleet.redis.start()
     assert_one_controller(fleet)  # every buffered sample appended once, in order, and folded once
     # Canaries keep sampling, so a buffer may hold a sample for a moment; it must empty.
