@@ -109,6 +109,8 @@ defaults
     timeout client 120s
     timeout server 120s
     option http-keep-alive
+    retries 1
+    retry-on conn-failure empty-response
 frontend gateway
     bind 127.0.0.1:{port}
     default_backend replicas

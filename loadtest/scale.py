@@ -125,11 +125,13 @@ async def drive(
                 t0 = time.perf_counter()
                 try:
                     r = await client.post(f"{target}/v1/completions", json=body)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                    kind = None if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
+                except httpx.HTTPError as exc:
+                    kind = f"{type(exc).__name__}: {exc}"
                 latencies.append(time.perf_counter() - t0)
-                errors += not ok
+                if kind is not None:
+                    errors += 1
+                    print(f"request failed: {kind}", file=sys.stderr)
 
         async def watch() -> None:
             nonlocal settled_after
