@@ -269,3 +269,18 @@ def test_serve_with_an_unreachable_redis_exits_with_one_line_naming_it() -> None
     )
     assert result.returncode == 2, result.stderr
     assert "cannot reach Redis" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("url", ["http://redis:6379", "redis-host:6379", "postgres://x"])
+def test_a_state_url_that_is_not_redis_fails_at_start_up_naming_the_key(url: str) -> None:
+    from gateway.settings import ConfigError, build_settings
+
+    with pytest.raises(ConfigError, match="STOPGATE_STATE_URL"):
+        build_settings(state_url=url)
+
+
+def test_the_published_budget_is_refreshed_at_least_once_a_second() -> None:
+    from gateway.settings import ConfigError, build_settings
+
+    with pytest.raises(ConfigError, match="STOPGATE_STATE_REFRESH_S"):
+        build_settings(state_refresh_s=2.0)
