@@ -308,3 +308,15 @@ async def stale_commit(fleet: Fleet, token: int) -> str:
         return "written"
     finally:
         await log.aclose()
+
+
+def test_a_leader_stopped_with_sigterm_appends_its_buffer_and_hands_the_lease_over(fleet: Fleet) -> None:
+    leader = leader_of(fleet)
+    last = next(r for r in fleet.live() if r is not leader)
+    send(fleet, 12, to=[leader])  # some of these samples may still be in its buffer when it stops
+    stopped_at = time.monotonic()
+    leader.stop()
+    assert leader.proc.returncode == 0, leader.tail()
+    wait_until(lambda: leader_of(fleet, via=last) is last, "the last replica to take the lease", timeout_s=60)
+    print(f"lease taken {time.monotonic() - stopped_at:.1f} s after SIGTERM (the stopping leader released it)")
+    assert_one_controller(fleet)  # nothing the stopped replica served was lost
