@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup serve test lint prometheus
+.PHONY: setup serve test lint prometheus redis
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,5 +32,11 @@ prometheus:
 	@command -v promtool >/dev/null || (apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null)
 
-test: lint prometheus
+# tests/test_redis_store.py and tests/test_fleet.py start their own redis-server, tests/test_scale_deploy.py
+# checks docker/haproxy.cfg with haproxy -c (Debian's packages; their services are not started).
+redis:
+	@command -v redis-server >/dev/null && command -v haproxy >/dev/null || (apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server haproxy >/dev/null)
+
+test: lint prometheus redis
 	$(BIN)/pytest

@@ -19,6 +19,7 @@ from gateway.admin import router as admin_router
 from gateway.api import router
 from gateway.auth import build_authenticator
 from gateway.balancer import UpstreamPool
+from gateway.control.fleet import join_fleet
 from gateway.control.plane import ControlPlane
 from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
@@ -43,7 +44,7 @@ def create_app(
     routes = settings.load_routes()
     metrics = Metrics(registry)
     auth = build_authenticator(settings, {route.name for route in routes.routes})
-    store = open_store(settings.state_path)
+    store = open_store(settings.state_url or settings.state_path)
     holder: dict[str, Services] = {}
     try:
         control = ControlPlane(
@@ -52,6 +53,7 @@ def create_app(
     except BaseException:
         store.close()
         raise
+    fleet = join_fleet(control, settings, metrics) if settings.state_url else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -75,11 +77,15 @@ def create_app(
         services = Services(settings, routes, upstream, metrics, control, auth)
         app.state.services = holder["services"] = services
         canaries = asyncio.ensure_future(control.run_canaries(upstream))
+        if fleet is not None:
+            fleet.start()
         try:
             yield
         finally:
             canaries.cancel()
             await asyncio.gather(canaries, return_exceptions=True)
+            if fleet is not None:
+                await fleet.aclose()
             await control.aclose()
             await upstream.aclose()
 

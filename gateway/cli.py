@@ -19,6 +19,7 @@ from types import FrameType
 
 from gateway import demo
 from gateway.auth import build_authenticator
+from gateway.control.store import StoreError
 from gateway.engine import EmbeddedEngine, EngineStartError, port_in_use
 from gateway.settings import ConfigError, EngineSettings, Settings, build_settings
 
@@ -83,7 +84,7 @@ def serve(args: argparse.Namespace) -> int:
             # under the handler found here: that must not kill us before the engine stops.
             signal.signal(signal.SIGTERM, _note_signal)
             return _run_uvicorn(settings)
-    except ConfigError as exc:
+    except (ConfigError, StoreError) as exc:  # StoreError: the state file or the shared Redis
         return fail(str(exc))
     except EngineStartError as exc:
         return fail(f"the embedded engine did not start: {exc}")

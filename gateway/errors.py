@@ -92,6 +92,15 @@ class Overloaded(GatewayError):
     headers = {"retry-after": "1"}
 
 
+class StateUnavailable(GatewayError):
+    """The shared state store (Redis) cannot be reached: an admin write cannot be made durable now."""
+
+    status_code = 503
+    error_type = "unavailable_error"
+    code = "state_store_unavailable"
+    headers = {"retry-after": "1"}
+
+
 class Draining(GatewayError):
     """The gateway is shutting down: another replica should take the request."""
 

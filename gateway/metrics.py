@@ -102,6 +102,39 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        # -- the fleet: replicas sharing one Redis store (gateway/control/fleet.py) ------------------
+        self.fleet_redis_up = Gauge(
+            "stopgate_fleet_redis_up", "1 while this replica reaches the shared Redis store, else 0.", registry=r
+        )
+        self.fleet_buffered = Gauge(
+            "stopgate_fleet_buffered_samples",
+            "EM samples held in this replica's memory until the shared log takes them.",
+            registry=r,
+        )
+        self.fleet_dropped = Counter(
+            "stopgate_fleet_dropped_samples",
+            "EM samples dropped because the buffer was full while Redis was unreachable, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.fleet_leader = Gauge(
+            "stopgate_fleet_leader",
+            "1 while this replica holds the route's lease and steps its controller.",
+            ["route"],
+            registry=r,
+        )
+        self.fleet_applied = Counter(
+            "stopgate_fleet_applied_samples",
+            "Log entries this replica folded into the route's state.",
+            ["route"],
+            registry=r,
+        )
+        self.fleet_refused = Counter(
+            "stopgate_fleet_refused_writes",
+            "State writes Redis refused, by route and reason (stale: fencing token; conflict: an admin write).",
+            ["route", "reason"],
+            registry=r,
+        )
         self.eval_skipped = Counter(
             "stopgate_evaluation_skipped",
             "Evaluation runs not started, by route, source and reason (busy, share).",

@@ -276,6 +276,15 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = None
     # Controller state (SQLite, WAL); ":memory:" keeps it in the process only.
     state_path: str = "state/stopgate.db"
+    # Several replicas: a redis:// URL (rediss://, unix://) replaces state_path; the replicas then share
+    # one controller per route through it (gateway/control/fleet.py, README "Scale out").
+    state_url: str | None = None
+    # The lease a route's leader renews; another replica takes over this long after the leader dies.
+    state_lease_ms: int = Field(default=3000, ge=100, le=600_000)
+    # EM samples held in memory while Redis cannot be reached; more are dropped (and counted).
+    state_buffer_max: int = Field(default=10_000, ge=1, le=10_000_000)
+    # How often a replica re-reads the published budget (also at once on a pub/sub message).
+    state_refresh_s: float = Field(default=0.25, gt=0, le=1.0)
     # Evaluation work (canary replays, shadow reruns) may spend at most this share of live tokens ...
     eval_share: float = Field(default=0.05, ge=0.0)
     # ... and is skipped while this many live requests are in flight.
@@ -299,6 +308,15 @@ class Settings(BaseSettings):
     def upstream_urls(self) -> list[str]:
         """The engine replicas (``upstream_url`` may list several, comma-separated)."""
         return self.upstream_url.split(",") if self.upstream_url else []
+
+    @field_validator("state_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"must be a redis://, rediss:// or unix:// URL; got {v.split('@')[-1]!r}")
+        return v
 
     @field_validator("log_level")
     @classmethod

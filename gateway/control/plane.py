@@ -23,7 +23,10 @@ that overrides the policy, its parameters or the budget is scored for the
 window and the counts but does not move the budget.
 
 Every state change is saved to the store with the sample that caused it, in
-one transaction, so a restart resumes where the route was.
+one transaction, so a restart resumes where the route was. When replicas share
+a Redis store (``fleet``), samples go to the route's shared log instead, and
+whichever replica holds the route's lease steps its controller
+(gateway/control/fleet.py).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from gateway.control.controller import (
     step,
     wilson,
 )
+from gateway.control.shared import Shared, unavailable_if_shared
 from gateway.control.store import SampleRecord, Store
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.evaluation import (
@@ -120,6 +124,17 @@ def load_route_references(route: RouteConfig) -> ReferenceIndex:
     return ReferenceIndex(tuple(check_route(route, load_reference_file(path)) for path in route.evaluation.references))
 
 
+def route_references(route: RouteConfig, stored: list[tuple[str, str]]) -> ReferenceIndex:
+    """The route's sets from the routes file, then its uploaded sets (``(name, JSONL)``, in upload order)."""
+    try:
+        refs = load_route_references(route)
+        for name, body in stored:
+            refs = refs.replace(check_route(route, parse_reference_lines(name, body, source=f"stored {name!r}")))
+    except (ReferenceSetError, ValueError) as exc:
+        raise ConfigError(f"routes.{route.name}.evaluation.references: {exc}") from exc
+    return refs
+
+
 def check_route(route: RouteConfig, ref_set: ReferenceSet) -> ReferenceSet:
     """A set for ``route`` holds only items of that route: anything else is a mistake in the upload."""
     from gateway.evaluation import ReferenceIssue
@@ -152,6 +167,9 @@ class ControlPlane:
         self.rng = random.Random(seed)
         self.routes: dict[str, RouteControl] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Set when replicas share a Redis store: samples then go to the shared log, and the route's
+        # leader (whichever replica holds its lease) steps the controller.
+        self.fleet: Shared | None = None
         for route in routes.routes:
             config = controller_config(route) if route.control is not None and route.control.enabled else None
             state = None
@@ -159,16 +177,15 @@ class ControlPlane:
                 saved = store.load(route.name)  # {} when only samples were saved (no controller then)
                 # retarget: a target changed in the routes file since the state was saved
                 state = retarget(state_from_dict(saved), config) if saved else initial_state(config)
-            try:
-                refs = load_route_references(route)
-                for name, body in store.reference_sets(route.name):  # uploads survive restarts
-                    stored = parse_reference_lines(name, body, source=f"stored {name!r}")
-                    refs = refs.replace(check_route(route, stored))
-            except (ReferenceSetError, ValueError) as exc:
-                raise ConfigError(f"routes.{route.name}.evaluation.references: {exc}") from exc
+            refs = route_references(route, store.reference_sets(route.name))  # uploads survive restarts
             rc = RouteControl(route, config, state, refs, counts=Counter(store.counts(route.name)))
             self.routes[route.name] = rc
             self._publish(rc)
+
+    def load_stored_references(self, route_name: str, stored: list[tuple[str, str]]) -> None:
+        """Replace the route's references with its files' sets plus ``stored`` uploads (another replica's)."""
+        rc = self.routes[route_name]
+        rc.references = route_references(rc.route, stored)
 
     # -- the request path -------------------------------------------------
 
@@ -214,6 +231,8 @@ class ControlPlane:
         """Live generated tokens fund evaluation work (``eval_share``)."""
         rc = self.routes[route]
         rc.live_tokens += tokens
+        if self.fleet is not None:
+            self.fleet.add_tokens(route, "live", tokens)
         self._publish_share(rc)
 
     def observe(
@@ -235,6 +254,9 @@ class ControlPlane:
         budget = gen.spec.budget
         level = controlled.level if controlled is not None else 0
         record = SampleRecord(route, source, budget, level, correct, tokens, time.time(), reference_id)
+        if self.fleet is not None:  # the route's leader steps the controller, in log order
+            self.fleet.submit(record, at_controlled and rc.config is not None)
+            return
         if rc.config is None or rc.state is None or not at_controlled:
             self.store.save(route, state_to_dict(rc.state) if rc.state is not None else {}, record)
             return
@@ -259,6 +281,8 @@ class ControlPlane:
 
     def _spend(self, rc: RouteControl, source: str, tokens: int) -> None:
         rc.eval_tokens[source] += tokens
+        if self.fleet is not None:
+            self.fleet.add_tokens(rc.route.name, source, tokens)
         self.metrics.tokens.labels(rc.route.name, source).inc(tokens)
         self._publish_share(rc)
 
@@ -303,6 +327,8 @@ class ControlPlane:
     async def canary_once(self, route_name: str, upstream: EngineClient) -> bool:
         """Replay one random reference item at the route's settings; False if skipped."""
         rc = self.routes[route_name]
+        if self.fleet is not None and not self.fleet.leads(route_name):
+            return False  # the route's leader schedules the fleet's canaries
         items = rc.references.items()
         if not items or not self._may_evaluate(rc, CANARY):
             return False
@@ -394,6 +420,8 @@ class ControlPlane:
                 "eval_tokens": spent,
             },
         }
+        if self.fleet is not None:
+            out["fleet"] = self.fleet.describe(route_name)
         if rc.config is None or rc.state is None:
             out["controller"] = None
             out["budget"] = rc.route.budget
@@ -450,12 +478,14 @@ class ControlPlane:
             references = rc.references.replace(ref_set)
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="body") from exc
-        self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
+        with unavailable_if_shared(self.fleet):
+            self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
         rc.references = references
         return self.snapshot(route_name)
 
     def _commit(self, rc: RouteControl, state: ControllerState) -> None:
-        self.store.save(rc.route.name, state_to_dict(state))  # first: a failed save changes nothing
+        with unavailable_if_shared(self.fleet):
+            self.store.save(rc.route.name, state_to_dict(state))  # first: a failed save changes nothing
         rc.state = state
         self._publish(rc)
 

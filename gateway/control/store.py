@@ -1,8 +1,8 @@
 """The controller's persistent state: per-route state and the EM samples that produced it.
 
 ``Store`` is the interface; ``SQLiteStore`` is the embedded default and
-``MemoryStore`` serves tests and ``--state none``. A shared Redis store for
-several replicas can implement the same protocol later.
+``MemoryStore`` serves tests and ``--state none``. ``RedisStore``
+(gateway/control/redis_store.py) is the shared store for several replicas.
 
 Each ``save`` writes the route's new state and, optionally, the sample that
 produced it in one transaction, so a crash never leaves a state without its
@@ -527,7 +527,12 @@ MEMORY_PATHS = frozenset({":memory:", "none"})
 
 def open_store(path: str | Path, *, max_samples_per_route: int = DEFAULT_MAX_SAMPLES_PER_ROUTE) -> Store:
     """The store a state path names: ``":memory:"`` or ``"none"`` keep state in this process only
-    (``MemoryStore``); any other path is a SQLite file, created if missing (``SQLiteStore``)."""
+    (``MemoryStore``); a ``redis://`` URL is the shared ``RedisStore``; any other path is a SQLite
+    file, created if missing (``SQLiteStore``)."""
+    if isinstance(path, str) and path.startswith(("redis://", "rediss://", "unix://")):
+        from gateway.control.redis_store import RedisStore  # redis is imported only when used
+
+        return RedisStore(path, max_samples_per_route=max_samples_per_route)
     if isinstance(path, str) and path in MEMORY_PATHS:
         return MemoryStore(max_samples_per_route=max_samples_per_route)
     return SQLiteStore(path, max_samples_per_route=max_samples_per_route)
