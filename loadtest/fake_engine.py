@@ -88,7 +88,7 @@ class FakeEngine:
         if scope["method"] == "GET" and path in ("/v1/models", "/health"):
             await _json(send, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
             return
-        if scope["method"] != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
+        if scope["method"] != "POST" or path not in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             await _json(send, 404, {"error": {"message": f"no route {path}", "type": "NotFound"}})
             return
         body = b""
@@ -108,7 +108,36 @@ class FakeEngine:
         script = self.responder(request, headers) if self.responder is not None else None
         if script is None:
             script = self.queue.popleft() if self.queue else self.default
+        if path == "/v1/responses" and script.status == 200 and request.get("stream"):
+            await self._respond_events(script, request, send)
+            return
         await self._respond(script, request, path == "/v1/chat/completions", receive, send)
+
+    async def _respond_events(self, script: Script, request: dict[str, Any], send: Send) -> None:
+        """A Responses API stream: created, one output_text delta per piece, completed (no [DONE])."""
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        pieces = script.pieces[: int(request.get("max_output_tokens") or 1 << 30)]
+        response: dict[str, Any] = {"id": "resp_fake", "object": "response", "model": self.model, "output": []}
+
+        async def emit(kind: str, **fields: Any) -> None:
+            data = json.dumps({"type": kind, **fields})
+            await send(
+                {"type": "http.response.body", "body": f"event: {kind}\ndata: {data}\n\n".encode(), "more_body": True}
+            )
+            self.stats.chunks_sent += 1
+
+        await emit("response.created", response={**response, "status": "in_progress"})
+        for piece in pieces:
+            await emit("response.output_text.delta", delta=piece, output_index=0, content_index=0)
+            if script.delay_s:
+                await asyncio.sleep(script.delay_s)
+        text = {"type": "output_text", "text": "".join(pieces)}
+        usage = {"input_tokens": script.prompt_tokens, "output_tokens": len(pieces)}
+        done = {**response, "status": "completed", "usage": usage}
+        done["output"] = [{"type": "message", "role": "assistant", "content": [text]}]
+        await emit("response.completed", response=done)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.stats.completed += 1
 
     async def _respond(self, script: Script, request: dict[str, Any], chat: bool, receive: Receive, send: Send) -> None:
         if script.stall_s:
