@@ -32,6 +32,7 @@ from typing import Any
 
 import anyio
 
+from gateway.accounting import Accounting as Accounting  # re-exported: gateway/ensemble.py imports it here
 from gateway.chunks import ChoiceDelta, ChunkParser
 from gateway.continuation import as_answer, continuation_body, split_suffix, text_prompt, token_logprobs
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
@@ -158,48 +159,6 @@ def build_request_policy(ctx: RequestContext, spec: StopSpec) -> StopPolicy | No
     if isinstance(ctx.request, CompletionRequest):
         text_prompt(ctx.request)  # a 400 now if the prompt cannot be continued
     return policy
-
-
-@dataclass
-class Accounting:
-    """Net tokens of one request, by kind (DESIGN decision 4)."""
-
-    prompt: int = 0
-    thinking: int = 0
-    answer: int = 0
-    forced_prompt: int = 0
-    forced: int = 0
-    probe_prompt: int = 0
-    probe: int = 0
-    first_token_at: float | None = None
-    stop_reason: str | None = None
-
-    @property
-    def main(self) -> int:
-        return self.thinking + self.answer
-
-    @property
-    def completion(self) -> int:
-        """What the client sees generated: the main stream and the forced answer."""
-        return self.main + self.forced
-
-    @property
-    def net(self) -> int:
-        """Everything the engine generated for this request."""
-        return self.main + self.forced + self.probe
-
-    def tokens(self) -> dict[str, int]:
-        """Tokens by kind, as the response extension reports them."""
-        return {
-            "prompt": self.prompt,
-            "thinking": self.thinking,
-            "answer": self.answer,
-            "probe_prompt": self.probe_prompt,
-            "probe": self.probe,
-            "forced_prompt": self.forced_prompt,
-            "forced": self.forced,
-            "net": self.net,
-        }
 
 
 class Generation:

@@ -176,3 +176,27 @@ def test_forced_answer_em_matches_the_bare_path_on_dev_items(parser_gateway: Ser
         assert parser["tokens_add_up"] == parser["reasoning_in_field"] == 40
         assert parser["stopped"] > 0
     assert rows[("parser", 96)]["em"] > rows[("parser", 64)]["em"]
+
+
+def test_responses_api_passes_through_with_reasoning_and_request_id(parser_gateway: ServedGateway) -> None:
+    """`POST /v1/responses` is a pass-through (no early stopping): the engine's reasoning and answer items."""
+    client = openai.OpenAI(base_url=f"{parser_gateway.url}/v1", api_key="unused", timeout=120, max_retries=0)
+    response = client.responses.create(
+        model="tinyreason", input=LONG.strip(), temperature=0, extra_headers={"x-request-id": "resp-itest-1"}
+    )
+    assert response.model == "tinyreason" and response.status == "completed"
+    assert response.output_text == "\n#### 45"
+    reasoning = [item for item in response.output if item.type == "reasoning"]
+    assert reasoning and "\ncheck\n" in (reasoning[0].content or [])[0].text
+    assert response.usage is not None and response.usage.output_tokens_details.reasoning_tokens > 0
+    with client.responses.create(model="tinyreason", input=LONG.strip(), temperature=0, stream=True) as stream:
+        kinds = [event.type for event in stream]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    assert "response.reasoning_text.delta" in kinds and "response.output_text.delta" in kinds
+    raw = httpx.post(
+        f"{parser_gateway.url}/v1/responses",
+        json={"model": "tinyreason", "input": "Q: 1+1=?"},
+        headers={"x-request-id": "resp-itest-2"},
+        timeout=120,
+    )
+    assert raw.status_code == 200 and raw.headers["x-request-id"] == "resp-itest-2"
