@@ -50,12 +50,16 @@ class ChunkParser:
         out = []
         chat = self.endpoint == "chat"
         for choice in choices:
-            text = self._text(choice)
             reasoning = ""
             if chat:
-                key, reasoning = reasoning_of(choice.get("delta") or {})
-                if key is not None and self.reasoning_field is None:
-                    self.reasoning_field = key
+                delta = choice.get("delta") or {}
+                text = str(delta.get("content") or "")
+                if len(delta) > 1 or not text:  # a plain content delta (most chunks) carries no reasoning
+                    key, reasoning = reasoning_of(delta)
+                    if key is not None and self.reasoning_field is None:
+                        self.reasoning_field = key
+            else:
+                text = str(choice.get("text") or "")
             logprobs = choice.get("logprobs")
             if usage_delta is not None and len(choices) == 1:
                 tokens = usage_delta
@@ -66,12 +70,6 @@ class ChunkParser:
             index = int(choice.get("index", 0))
             out.append(ChoiceDelta(index, text, tokens, choice.get("finish_reason"), logprobs, reasoning))
         return out
-
-    def _text(self, choice: dict[str, Any]) -> str:
-        if self.endpoint == "completions":
-            return str(choice.get("text") or "")
-        delta = choice.get("delta") or {}
-        return str(delta.get("content") or "")
 
 
 REASONING_FIELDS = ("reasoning", "reasoning_content")
