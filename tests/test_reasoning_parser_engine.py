@@ -162,17 +162,17 @@ def test_openai_sdk_reads_reasoning_and_content(parser_gateway: ServedGateway) -
 
 
 def test_forced_answer_em_matches_the_bare_path_on_dev_items(parser_gateway: ServedGateway) -> None:
-    """EM at budgets 64 and 96 on 40 dev items: the parser path within one item of the bare path.
+    """EM at budgets 64 and 96 on 40 dev items: the parser path within two items of the bare path.
 
-    The full 200-item measurement (loadtest/reasoning_em.py) is in the README. Items can differ one by one
-    when the engine coalesces tokens into one chunk, which moves the stop by a token; on 40 items at
-    concurrency 4 a difference of one item is allowed.
+    The full 200-item measurement (loadtest/reasoning_em.py) is in the README: equal EM at both budgets. Items
+    can differ one by one when the engine coalesces two tokens into one chunk, which moves a stop by a token:
+    at budget 64 two runs of the same bare path differed on 2-4 of 200 items. So a 40-item sample allows two.
     """
     result = asyncio.run(measure(parser_gateway.url, REFERENCES, [64, 96], limit=40, concurrency=4))
     rows = {(r["shape"], r["budget"]): r for r in result["results"]}
     for budget in (64, 96):
         bare, parser = rows[("bare", budget)], rows[("parser", budget)]
-        assert abs(bare["em"] - parser["em"]) <= 1 / 40 + 1e-9, (budget, bare["em"], parser["em"])
+        assert abs(bare["em"] - parser["em"]) <= 2 / 40 + 1e-9, (budget, bare["em"], parser["em"])
         assert parser["tokens_add_up"] == parser["reasoning_in_field"] == 40
         assert parser["stopped"] > 0
     assert rows[("parser", 96)]["em"] > rows[("parser", 64)]["em"]
