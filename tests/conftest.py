@@ -109,12 +109,14 @@ def parser_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedG
     log = tmp / "serve.log"
     args = ["serve", "--port", str(port), "--reasoning-parser", "deepseek_r1", "--engine-log", str(tmp / "engine.log")]
     with open(log, "wb") as out:
+        # Generous start-up bounds: on a loaded 2-core machine the engine took over 300 s to start.
+        env = {**os.environ, "STOPGATE_ENGINE__STARTUP_TIMEOUT_S": "600"}
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+            [sys.executable, "-m", "gateway.cli", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 660
         while True:
             assert proc.poll() is None, log.read_text()
             try:
