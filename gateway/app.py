@@ -25,6 +25,8 @@ from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.responses import ResponsesRequest
+from gateway.responses import router as responses_router
 from gateway.services import Services
 from gateway.settings import ConfigError, Settings
 from gateway.upstream import Upstream
@@ -91,8 +93,11 @@ def create_app(
 
     app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan)
     app.include_router(router)
+    app.include_router(responses_router)
     app.include_router(admin_router)
-    openapi.install(app, CompletionRequest, ChatCompletionRequest, model_names=list(routes.by_model()))
+    openapi.install(
+        app, CompletionRequest, ChatCompletionRequest, ResponsesRequest, model_names=list(routes.by_model())
+    )
     _install_error_handlers(app)
     return app
 

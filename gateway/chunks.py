@@ -4,6 +4,12 @@ The gateway always streams from the engine, even for a non-streaming client:
 the stop policies watch the token stream either way. ``ChunkParser`` turns
 each OpenAI chunk (completions or chat) into ``ChoiceDelta`` events, and
 ``ResponseBuilder`` folds chunks back into one non-streaming response body.
+
+An engine with a reasoning parser (vLLM's ``--reasoning-parser``) sends the
+thinking of a chat response in ``delta.reasoning`` (vLLM 0.32) or
+``delta.reasoning_content`` (older vLLM, many other engines) and only the
+answer in ``content``: ``ChoiceDelta.reasoning`` carries the former, and
+``ResponseBuilder`` keeps whichever field names the engine used.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ class ChoiceDelta:
     tokens: int
     finish_reason: str | None
     logprobs: Any = None
+    reasoning: str = ""  # chat only: the thinking a reasoning parser split off the content
 
 
 @dataclass
@@ -30,6 +37,8 @@ class ChunkParser:
 
     endpoint: Endpoint
     _completion_tokens: int = 0
+    # The field a reasoning parser puts the thinking in, once the engine has sent one.
+    reasoning_field: str | None = None
 
     def parse(self, chunk: dict[str, Any]) -> list[ChoiceDelta]:
         choices = chunk.get("choices") or []
@@ -39,23 +48,40 @@ class ChunkParser:
             usage_delta = usage["completion_tokens"] - self._completion_tokens
             self._completion_tokens = usage["completion_tokens"]
         out = []
+        chat = self.endpoint == "chat"
         for choice in choices:
-            text = self._text(choice)
+            reasoning = ""
+            if chat:
+                delta = choice.get("delta") or {}
+                text = str(delta.get("content") or "")
+                if len(delta) > 1 or not text:  # a plain content delta (most chunks) carries no reasoning
+                    key, reasoning = reasoning_of(delta)
+                    if key is not None and self.reasoning_field is None:
+                        self.reasoning_field = key
+            else:
+                text = str(choice.get("text") or "")
             logprobs = choice.get("logprobs")
             if usage_delta is not None and len(choices) == 1:
                 tokens = usage_delta
             elif logprobs:
                 tokens = _logprob_count(logprobs)
             else:
-                tokens = 1 if text else 0
-            out.append(ChoiceDelta(int(choice.get("index", 0)), text, tokens, choice.get("finish_reason"), logprobs))
+                tokens = 1 if text or reasoning else 0
+            index = int(choice.get("index", 0))
+            out.append(ChoiceDelta(index, text, tokens, choice.get("finish_reason"), logprobs, reasoning))
         return out
 
-    def _text(self, choice: dict[str, Any]) -> str:
-        if self.endpoint == "completions":
-            return str(choice.get("text") or "")
-        delta = choice.get("delta") or {}
-        return str(delta.get("content") or "")
+
+REASONING_FIELDS = ("reasoning", "reasoning_content")
+
+
+def reasoning_of(delta: dict[str, Any]) -> tuple[str | None, str]:
+    """The thinking in a chat delta, and its field's name (an engine may send both names, alike)."""
+    for key in REASONING_FIELDS:
+        value = delta.get(key)
+        if value:
+            return key, str(value)
+    return None, ""
 
 
 def _logprob_count(logprobs: dict[str, Any]) -> int:
@@ -69,7 +95,7 @@ def _logprob_count(logprobs: dict[str, Any]) -> int:
 @dataclass
 class _ChoiceAcc:
     text: list[str] = field(default_factory=list)
-    reasoning: list[str] = field(default_factory=list)
+    reasoning: dict[str, list[str]] = field(default_factory=dict)  # by the field name the engine used
     finish_reason: str | None = None
     stop_reason: Any = None
     logprobs: dict[str, Any] | None = None
@@ -100,9 +126,9 @@ class ResponseBuilder:
             else:
                 delta = choice.get("delta") or {}
                 acc.text.append(delta.get("content") or "")
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if reasoning:
-                    acc.reasoning.append(reasoning)
+                for key in REASONING_FIELDS:
+                    if delta.get(key):
+                        acc.reasoning.setdefault(key, []).append(delta[key])
             if choice.get("finish_reason") is not None:
                 acc.finish_reason = choice["finish_reason"]
             if choice.get("stop_reason") is not None:
@@ -119,8 +145,8 @@ class ResponseBuilder:
                 item: dict[str, Any] = {"index": index, "text": text, "logprobs": acc.logprobs}
             else:
                 message: dict[str, Any] = {"role": "assistant", "content": text}
-                if acc.reasoning:
-                    message["reasoning_content"] = "".join(acc.reasoning)
+                for key, pieces in acc.reasoning.items():
+                    message[key] = "".join(pieces)
                 item = {"index": index, "message": message, "logprobs": acc.logprobs}
             item["finish_reason"] = acc.finish_reason
             if acc.stop_reason is not None:

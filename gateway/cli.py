@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
+from pydantic import ValidationError
+
 from gateway import demo
 from gateway.auth import build_authenticator
 from gateway.control.store import StoreError
@@ -43,6 +45,12 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--model-path", type=Path, help="model directory for the embedded engine")
     p.add_argument("--engine-log", type=Path, help="where the embedded engine writes its log")
     p.add_argument(
+        "--reasoning-parser",
+        metavar="NAME",
+        help="start the embedded engine with vLLM's --reasoning-parser NAME, e.g. deepseek_r1 "
+        "(env STOPGATE_ENGINE__REASONING_PARSER)",
+    )
+    p.add_argument(
         "--auth", choices=["keys", "off"], help="client authentication (default keys; off only for local demos)"
     )
     p.add_argument("--api-keys", type=Path, help="client API keys file (env STOPGATE_API_KEYS_FILE)")
@@ -63,8 +71,10 @@ def serve(args: argparse.Namespace) -> int:
             engine_overrides["model_path"] = args.model_path.expanduser().resolve()
         if args.engine_log is not None:
             engine_overrides["log_file"] = args.engine_log
+        if args.reasoning_parser is not None:
+            engine_overrides["reasoning_parser"] = args.reasoning_parser
         if engine_overrides:
-            settings = settings.model_copy(update={"engine": settings.engine.model_copy(update=engine_overrides)})
+            settings = settings.model_copy(update={"engine": _engine_settings(settings.engine, engine_overrides)})
         routes = settings.load_routes()  # fail now, before an engine starts, if routes or keys are bad
         if settings.auth == "keys":  # (with auth off, create_app logs the warning once)
             build_authenticator(settings, {route.name for route in routes.routes})
@@ -93,6 +103,16 @@ def serve(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _engine_settings(engine: EngineSettings, overrides: dict[str, object]) -> EngineSettings:
+    """The engine settings with command-line overrides, validated like any setting."""
+    try:
+        return EngineSettings.model_validate({**engine.model_dump(), **overrides})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"--{key.replace('_', '-')}: {err['msg']}") from exc
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:

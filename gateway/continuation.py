@@ -10,12 +10,20 @@ They respect the prompt format of the request they continue:
 
 Nothing here knows a model's template: delimiters and suffixes are route
 settings.
+
+On an engine with a reasoning parser the continued text is ``think_open``
+plus the reasoning (the parser swallowed the delimiter; the model wrote it):
+with a chat template that renders the assistant message verbatim (the
+bundled model's), ``continue_final_message`` then continues the very same
+token sequence, and the parser sees ``think_close`` in the prompt, so the
+continuation streams as ``content``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from gateway.chunks import REASONING_FIELDS, reasoning_of
 from gateway.errors import InvalidRequest
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -80,3 +88,24 @@ def token_logprobs(logprobs: Any) -> list[float]:
     if isinstance(values, list):
         return [float(v) for v in values if v is not None]
     return []
+
+
+def split_suffix(suffix: str, think_close: str) -> tuple[str, str]:
+    """A suffix as a parser-shaped client sees it: (the reasoning's end, the answer's start), no delimiter."""
+    before, close, after = suffix.partition(think_close)
+    return (before, after) if close else ("", suffix)
+
+
+def as_answer(chunk: dict[str, Any]) -> None:
+    """A forced answer's chat chunk with all its text in ``content``.
+
+    Whether a reasoning parser files a continuation's output under reasoning or content is the engine's
+    call (vLLM 0.32 streams it as content, but its non-streamed form says reasoning): here it is the answer.
+    """
+    for choice in chunk["choices"]:
+        delta = choice.get("delta") or {}
+        _, reasoning = reasoning_of(delta)
+        if reasoning:
+            out = {k: v for k, v in delta.items() if k not in REASONING_FIELDS}
+            out["content"] = reasoning + str(delta.get("content") or "")
+            choice["delta"] = out

@@ -78,6 +78,9 @@ def engine_command(settings: EngineSettings, port: int) -> list[str]:
         # Lets the engine enforce its own thinking_token_budget (the `static` baseline policy).
         config = {"reasoning_start_str": settings.think_open, "reasoning_end_str": settings.think_close}
         cmd += ["--reasoning-config", json.dumps(config)]
+    if settings.reasoning_parser:
+        # Chat then carries the thinking in `reasoning`; the gateway reads it there (gateway/serving.py).
+        cmd += ["--reasoning-parser", settings.reasoning_parser]
     if settings.enforce_eager:
         cmd.append("--enforce-eager")
     return cmd + list(settings.extra_args)

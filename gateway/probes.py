@@ -88,7 +88,10 @@ class Probes:
         return len(self._inflight)
 
     def launch(self, at_tokens: int, generated: str) -> bool:
-        """Start a probe on ``generated``; False if the per-request bound is reached or too many are running."""
+        """Start a probe on ``generated`` (the output so far, as a continuation repeats it).
+
+        False if the per-request bound is reached or too many are running.
+        """
         if self.stats.launched >= self.max_probes:
             return False
         if len(self._inflight) >= self.route.max_inflight_probes:
@@ -137,7 +140,7 @@ class Probes:
                     if not chunk.get("choices"):
                         continue
                     for delta in parser.parse(chunk):
-                        pieces.append(delta.text)
+                        pieces.append(delta.reasoning + delta.text)  # a parser may file it under either
                         self.stats.completion_tokens += delta.tokens
                         lps.extend(token_logprobs(delta.logprobs))
         except GatewayError as exc:

@@ -9,6 +9,17 @@ and streams the model's short forced answer. Every response ends with a
 chunk that carries ``finish_reason``, ``usage`` and the ``stopgate``
 extension (stop reason, budget, policy, tokens by kind), whether the client
 asked for usage or not.
+
+Two shapes of chat stream are served alike. Without a reasoning parser the
+thinking is text: ``<think>`` ... the route's ``think_close`` ... answer. With
+one (vLLM's ``--reasoning-parser``) the thinking arrives in
+``delta.reasoning`` / ``delta.reasoning_content`` and the delimiters never
+appear: reasoning deltas are the thinking, and the first non-empty
+``content`` ends it. Side generations then continue ``think_open`` plus the
+reasoning (the text the model really wrote), and the forced answer reaches
+the client in ``content``: the part of ``answer_suffix`` before
+``think_close`` goes to the reasoning field the engine used, the rest to
+``content``, and the delimiter itself is never shown.
 """
 
 from __future__ import annotations
@@ -21,8 +32,9 @@ from typing import Any
 
 import anyio
 
+from gateway.accounting import Accounting as Accounting  # re-exported: gateway/ensemble.py imports it here
 from gateway.chunks import ChoiceDelta, ChunkParser
-from gateway.continuation import continuation_body, text_prompt, token_logprobs
+from gateway.continuation import as_answer, continuation_body, split_suffix, text_prompt, token_logprobs
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
@@ -149,48 +161,6 @@ def build_request_policy(ctx: RequestContext, spec: StopSpec) -> StopPolicy | No
     return policy
 
 
-@dataclass
-class Accounting:
-    """Net tokens of one request, by kind (DESIGN decision 4)."""
-
-    prompt: int = 0
-    thinking: int = 0
-    answer: int = 0
-    forced_prompt: int = 0
-    forced: int = 0
-    probe_prompt: int = 0
-    probe: int = 0
-    first_token_at: float | None = None
-    stop_reason: str | None = None
-
-    @property
-    def main(self) -> int:
-        return self.thinking + self.answer
-
-    @property
-    def completion(self) -> int:
-        """What the client sees generated: the main stream and the forced answer."""
-        return self.main + self.forced
-
-    @property
-    def net(self) -> int:
-        """Everything the engine generated for this request."""
-        return self.main + self.forced + self.probe
-
-    def tokens(self) -> dict[str, int]:
-        """Tokens by kind, as the response extension reports them."""
-        return {
-            "prompt": self.prompt,
-            "thinking": self.thinking,
-            "answer": self.answer,
-            "probe_prompt": self.probe_prompt,
-            "probe": self.probe,
-            "forced_prompt": self.forced_prompt,
-            "forced": self.forced,
-            "net": self.net,
-        }
-
-
 class Generation:
     def __init__(self, upstream: EngineClient, ctx: RequestContext, *, vllm: bool = True) -> None:
         self.upstream = upstream
@@ -217,6 +187,7 @@ class Generation:
         self._thinking_text = ""
         self._answer_text = ""
         self._generated: list[str] = []
+        self._reasoning: list[str] = []  # the thinking a reasoning parser split off, in order
         self._stop_event = asyncio.Event()
         self._policy_error: PolicyFailed | None = None
         self._finished = False  # the engine ended the stream itself
@@ -243,7 +214,7 @@ class Generation:
             self.accounting.stop_reason = decision.reason or "policy"
             self._stop_event.set()
         elif decision.action is Action.PROBE and self.probes is not None and self.accounting.stop_reason is None:
-            self.probes.launch(self.accounting.thinking, "".join(self._generated))
+            self.probes.launch(self.accounting.thinking, self._continued_text())
 
     def _fail(self, exc: Exception) -> None:
         name = self.policy.name if self.policy else "?"
@@ -262,8 +233,24 @@ class Generation:
     def _observe(self, delta: ChoiceDelta) -> None:
         acc = self.accounting
         text = delta.text
+        new_text = text
         self._generated.append(text)
-        if self._phase == "thinking":
+        if self._phase == "thinking" and self._parser.reasoning_field is not None:
+            # A reasoning parser's shape: reasoning deltas are the thinking, content starts the answer.
+            # A chunk carrying both counts as thinking, as the bare chunk holding think_close does.
+            reasoning = delta.reasoning
+            self._reasoning.append(reasoning)
+            self._thinking_text = (self._thinking_text + reasoning)[-TAIL_CHARS:]
+            if reasoning:
+                acc.thinking += delta.tokens
+            else:
+                acc.answer += delta.tokens
+            if text:
+                self._phase = "answer"
+                self._answer_text = text[-TAIL_CHARS:]
+            else:
+                new_text = reasoning
+        elif self._phase == "thinking":
             close = self.ctx.route.think_close
             combined = self._thinking_text + text
             at = combined.find(close, max(0, len(self._thinking_text) - len(close) + 1)) if close else -1
@@ -283,7 +270,7 @@ class Generation:
         lps = token_logprobs(delta.logprobs)
         event = TokenEvent(
             self._phase,  # type: ignore[arg-type]
-            text,
+            new_text,
             delta.tokens,
             acc.thinking,
             phase_text,
@@ -293,6 +280,15 @@ class Generation:
             self._decide(self.policy.on_tokens(event))
         except Exception as exc:
             self._fail(exc)
+
+    def _continued_text(self) -> str:
+        """What the model has written so far, as a continuation must repeat it.
+
+        With a reasoning parser the engine swallowed ``think_open``; the continuation puts it back.
+        """
+        if self._parser.reasoning_field is not None:
+            return self.ctx.route.think_open + "".join(self._reasoning)
+        return "".join(self._generated)
 
     # -- the stream side --------------------------------------------------
 
@@ -312,7 +308,7 @@ class Generation:
                     if not chunk.get("choices"):
                         continue  # the usage-only chunk; usage rides on our final chunk
                     for delta in self._parser.parse(chunk):
-                        if acc.first_token_at is None and delta.text:
+                        if acc.first_token_at is None and (delta.text or delta.reasoning):
                             acc.first_token_at = time.monotonic()
                         if self.ctx.request.n == 1 or self.policy is not None:
                             self._observe(delta)
@@ -406,11 +402,19 @@ class Generation:
         """Close the reasoning and let the model write its answer (a short continuation)."""
         route = self.ctx.route
         suffix = route.answer_suffix
-        yield self._text_chunk(suffix)
+        field = self._parser.reasoning_field
+        if field is None:
+            yield self._text_chunk(suffix)
+        else:
+            before, after = split_suffix(suffix, route.think_close)
+            if before:
+                yield self._text_chunk(before, field=field)
+            if after:
+                yield self._text_chunk(after)
         body = continuation_body(
             self.ctx.request,
             route.upstream_model,
-            "".join(self._generated),
+            self._continued_text(),
             suffix,
             max_tokens=route.forced_max_tokens,
             greedy=False,
@@ -432,6 +436,8 @@ class Generation:
                 out = self._client_chunk(chunk)
                 out["id"] = self._meta.get("id", out.get("id"))
                 out.pop("usage", None)
+                if field is not None:
+                    as_answer(out)
                 yield out
 
     # -- what the client sees -------------------------------------------
@@ -490,12 +496,12 @@ class Generation:
         out["choices"] = [dict(c) for c in chunk.get("choices") or []]
         return out
 
-    def _text_chunk(self, text: str, *, finish_reason: str | None = None) -> dict[str, Any]:
-        """A chunk the gateway writes itself, in the endpoint's format."""
+    def _text_chunk(self, text: str, *, finish_reason: str | None = None, field: str = "content") -> dict[str, Any]:
+        """A chunk the gateway writes itself, in the endpoint's format (chat: in ``field`` of the delta)."""
         chat = self.ctx.endpoint == "chat"
         choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
         if chat:
-            choice["delta"] = {"content": text} if text else {}
+            choice["delta"] = {field: text} if text else {}
         else:
             choice["text"] = text
         return {

@@ -229,6 +229,9 @@ class EngineSettings(BaseModel):
     # The bundled model's think delimiters, for vLLM's own thinking budget; empty to leave it off.
     think_open: str = "<think>"
     think_close: str = "</think>"
+    # vLLM's --reasoning-parser (e.g. deepseek_r1, qwen3): chat then streams the thinking in `reasoning`
+    # (env STOPGATE_ENGINE__REASONING_PARSER; `stopgate serve --reasoning-parser NAME`). None: thinking stays text.
+    reasoning_parser: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     startup_timeout_s: float = Field(default=300.0, gt=0)
     log_file: Path = Path("logs/engine.log")
     extra_args: tuple[str, ...] = ()

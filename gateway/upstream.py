@@ -154,6 +154,10 @@ async def _read_bounded(response: httpx.Response) -> bytes:
     return data[:_MAX_ERROR_BODY]
 
 
+# A Responses API stream (``POST /v1/responses``) ends with one of these events instead of ``[DONE]``.
+RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
 async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     done = False
     try:
@@ -174,6 +178,7 @@ async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             if "error" in chunk:
                 message, _ = _error_message(500, data.encode())
                 raise UpstreamError(f"The upstream engine failed mid-stream: {message}")
+            done = chunk.get("type") in RESPONSE_END_EVENTS
             yield chunk
     except httpx.HTTPError as exc:
         raise translate(exc) from exc

@@ -5,6 +5,12 @@ real) and by the overhead benchmark (it answers in microseconds). Behaviour
 comes from a ``Script``: the text pieces to stream, per-chunk delay, a stall
 before the first byte, an HTTP error status, or a failure mid-stream. Run it
 alone with ``python -m loadtest.fake_engine --port 9000``.
+
+A chat script with ``reasoning="reasoning"`` (or ``"reasoning_content"``)
+streams like vLLM with ``--reasoning-parser deepseek_r1``: ``<think>`` and
+``</think>`` are tokens that never appear as text (each is counted with the
+next chunk), the thinking between them goes in that delta field, the rest in
+``content``, and usage carries ``completion_tokens_details.reasoning_tokens``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class Script:
     error_event_after: int | None = None  # send an SSE error event after this many chunks
     finish_reason: str = "stop"
     prompt_tokens: int = 7
+    # Chat only: stream the thinking in this delta field, as a reasoning parser does (None: all in content).
+    reasoning: str | None = None
 
 
 @dataclass
@@ -80,7 +88,7 @@ class FakeEngine:
         if scope["method"] == "GET" and path in ("/v1/models", "/health"):
             await _json(send, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
             return
-        if scope["method"] != "POST" or path not in ("/v1/completions", "/v1/chat/completions"):
+        if scope["method"] != "POST" or path not in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             await _json(send, 404, {"error": {"message": f"no route {path}", "type": "NotFound"}})
             return
         body = b""
@@ -100,7 +108,36 @@ class FakeEngine:
         script = self.responder(request, headers) if self.responder is not None else None
         if script is None:
             script = self.queue.popleft() if self.queue else self.default
+        if path == "/v1/responses" and script.status == 200 and request.get("stream"):
+            await self._respond_events(script, request, send)
+            return
         await self._respond(script, request, path == "/v1/chat/completions", receive, send)
+
+    async def _respond_events(self, script: Script, request: dict[str, Any], send: Send) -> None:
+        """A Responses API stream: created, one output_text delta per piece, completed (no [DONE])."""
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+        pieces = script.pieces[: int(request.get("max_output_tokens") or 1 << 30)]
+        response: dict[str, Any] = {"id": "resp_fake", "object": "response", "model": self.model, "output": []}
+
+        async def emit(kind: str, **fields: Any) -> None:
+            data = json.dumps({"type": kind, **fields})
+            await send(
+                {"type": "http.response.body", "body": f"event: {kind}\ndata: {data}\n\n".encode(), "more_body": True}
+            )
+            self.stats.chunks_sent += 1
+
+        await emit("response.created", response={**response, "status": "in_progress"})
+        for piece in pieces:
+            await emit("response.output_text.delta", delta=piece, output_index=0, content_index=0)
+            if script.delay_s:
+                await asyncio.sleep(script.delay_s)
+        text = {"type": "output_text", "text": "".join(pieces)}
+        usage = {"input_tokens": script.prompt_tokens, "output_tokens": len(pieces)}
+        done = {**response, "status": "completed", "usage": usage}
+        done["output"] = [{"type": "message", "role": "assistant", "content": [text]}]
+        await emit("response.completed", response=done)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.stats.completed += 1
 
     async def _respond(self, script: Script, request: dict[str, Any], chat: bool, receive: Receive, send: Send) -> None:
         if script.stall_s:
@@ -182,7 +219,9 @@ class FakeEngine:
                     ],
                 }
             )
-        for i, piece in enumerate(pieces):
+        events = _deltas(pieces, "content" if chat else "text", script.reasoning if chat else None)
+        completion = reasoning_tokens = 0
+        for i, (delta, tokens, reasoning) in enumerate(events):
             if script.fail_after is not None and i == script.fail_after:
                 raise OSError("scripted connection drop")
             if script.error_event_after is not None and i == script.error_event_after:
@@ -190,12 +229,14 @@ class FakeEngine:
                 await emit("[DONE]")
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
                 return
-            last = i == len(pieces) - 1
+            completion += tokens
+            reasoning_tokens += reasoning
+            last = i == len(events) - 1
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish if last else None}
             if chat:
-                choice["delta"] = {"content": piece}
+                choice["delta"] = delta
             else:
-                choice["text"] = piece
+                choice.update(delta)
             chunk: dict[str, Any] = {
                 "id": rid,
                 "object": obj,
@@ -204,16 +245,11 @@ class FakeEngine:
                 "choices": [choice],
             }
             if continuous:
-                chunk["usage"] = {
-                    "prompt_tokens": script.prompt_tokens,
-                    "completion_tokens": i + 1,
-                    "total_tokens": script.prompt_tokens + i + 1,
-                }
+                chunk["usage"] = _usage(script, completion, reasoning_tokens if script.reasoning else None)
             await emit(chunk)
             if script.delay_s:
                 await asyncio.sleep(script.delay_s)
         if options.get("include_usage"):
-            n = len(pieces)
             await emit(
                 {
                     "id": rid,
@@ -221,15 +257,40 @@ class FakeEngine:
                     "created": created,
                     "model": self.model,
                     "choices": [],
-                    "usage": {
-                        "prompt_tokens": script.prompt_tokens,
-                        "completion_tokens": n,
-                        "total_tokens": script.prompt_tokens + n,
-                    },
+                    "usage": _usage(script, completion, reasoning_tokens if script.reasoning else None),
                 }
             )
         await emit("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _deltas(pieces: list[str], key: str, reasoning: str | None) -> list[tuple[dict[str, str], int, int]]:
+    """(delta, tokens, reasoning tokens) per chunk: one piece each, or split as a reasoning parser does."""
+    if reasoning is None:
+        return [({key: piece}, 1, 0) for piece in pieces]
+    out: list[tuple[dict[str, str], int, int]] = []
+    carried, thinking = 0, True
+    for piece in pieces:
+        if thinking and piece in ("<think>", "</think>"):
+            carried += 1  # a delimiter token: generated, counted, never shown
+            thinking = piece == "<think>"
+            continue
+        out.append(({reasoning if thinking else key: piece}, 1 + carried, int(thinking)))
+        carried = 0
+    if carried or not out:
+        out.append(({key: ""}, carried, 0))
+    return out
+
+
+def _usage(script: Script, completion: int, reasoning_tokens: int | None) -> dict[str, Any]:
+    usage: dict[str, Any] = {
+        "prompt_tokens": script.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": script.prompt_tokens + completion,
+    }
+    if reasoning_tokens is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return usage
 
 
 async def _wait_disconnect(receive: Receive) -> None:

