@@ -38,6 +38,8 @@ class Script:
     error_event_after: int | None = None  # send an SSE error event after this many chunks
     finish_reason: str = "stop"
     prompt_tokens: int = 7
+    # Per piece, the top alternatives {token: logprob} at its position; sent when the request asks for logprobs.
+    top_logprobs: list[dict[str, float]] | None = None
 
 
 @dataclass
@@ -192,6 +194,8 @@ class FakeEngine:
                 return
             last = i == len(pieces) - 1
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish if last else None}
+            if script.top_logprobs is not None and request.get("logprobs") and i < len(script.top_logprobs):
+                choice["logprobs"] = _logprobs(piece, script.top_logprobs[i], chat)
             if chat:
                 choice["delta"] = {"content": piece}
             else:
@@ -230,6 +234,15 @@ class FakeEngine:
             )
         await emit("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _logprobs(piece: str, top: dict[str, float], chat: bool) -> dict[str, Any]:
+    """One token's logprobs in the endpoint's shape; the piece's own logprob is its top entry, if listed."""
+    own = top.get(piece, min(top.values(), default=0.0) - 1.0)
+    if chat:
+        alts = [{"token": t, "logprob": v} for t, v in top.items()]
+        return {"content": [{"token": piece, "logprob": own, "top_logprobs": alts}]}
+    return {"tokens": [piece], "token_logprobs": [own], "top_logprobs": [dict(top)], "text_offset": [0]}
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -13,10 +13,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from policies.base import PolicyError, StopPolicy
+from policies.brake import BrakePolicy
 from policies.budget import BudgetPolicy
 from policies.compose import Bounded
 from policies.confidence import ConfidencePolicy
 from policies.convergence import ConvergencePolicy
+from policies.cue import CuePolicy
 from policies.ensemble import EnsembleParams
 from policies.loop import LoopPolicy
 from policies.marker import MarkerPolicy
@@ -27,6 +29,8 @@ STREAM_POLICIES: dict[str, type[Any]] = {
     "none": NoPolicy,
     "budget": BudgetOnly,  # the budget itself is the outer bound every policy gets
     "marker": MarkerPolicy,
+    "cue": CuePolicy,
+    "brake": BrakePolicy,
     "convergence": ConvergencePolicy,
     "confidence": ConfidencePolicy,
     "loop": LoopPolicy,
