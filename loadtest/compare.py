@@ -60,6 +60,25 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("confidence-k8-0.95", {"policy": "confidence", "params": {"probe_every": 8, "threshold": 0.95}}),
     ("confidence-k16-0.99", {"policy": "confidence", "params": {"probe_every": 16, "threshold": 0.99}}),
     ("ensemble-w2-max4", {"policy": "ensemble", "params": {"wave": 2, "max_samples": 4, "temperature": 0.7}}),
+    # Zero-token ThinkBrake (issue 19): stop at a line end when </think> is within the margin of the top token.
+    ("brake-m1", {"policy": "brake", "params": {"margin": 1.0}}),
+    ("brake-m4", {"policy": "brake", "params": {"margin": 4.0}}),
+    # Members across stopping settings, a weighted vote (issue 19): the cue (weight 2), then budgets 96 and 64.
+    (
+        "ensemble-members",
+        {
+            "policy": "ensemble",
+            "params": {
+                "wave": 2,
+                "max_samples": 3,
+                "members": [
+                    {"policy": "marker", "params": {"pattern": r"\ncheck\n"}, "weight": 2},
+                    {"policy": "budget", "budget": 96},
+                    {"policy": "budget", "budget": 64},
+                ],
+            },
+        },
+    ),
 ]
 BASELINE = "none"
 _EXTRACT = get_extractor("gsm8k")

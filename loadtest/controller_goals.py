@@ -47,7 +47,7 @@ class SeedGoals:
     goals: tuple[bool, bool, bool, bool]
     in_band_at_300: bool
     budget_range: tuple[int, int]  # lowest and highest budget in samples 300-599
-    floor: bool = False  # EM of samples 500-599 >= target, at a budget (sample 600) <= 1.15 b*
+    floor: tuple[bool, bool] = (False, False)  # EM of samples 500-599 >= target; budget (sample 600) <= 1.15 b*
 
 
 def seed_goals(seed: int, config: ControllerConfig) -> SeedGoals:
@@ -66,7 +66,7 @@ def seed_goals(seed: int, config: ControllerConfig) -> SeedGoals:
     steady = budgets[STEADY[0] : STEADY[1]]
     in_band = b_star * 0.9 <= budgets[STEADY[0]] <= b_star * 1.1
     last = trace.outcomes[STEADY[1] - 100 : STEADY[1]]
-    floor = sum(last) >= config.target * len(last) and budgets[STEADY[1] - 1] <= 1.15 * b_star
+    floor = (sum(last) >= config.target * len(last), budgets[STEADY[1] - 1] <= 1.15 * b_star)
     return SeedGoals(seed, goals, in_band, (min(steady), max(steady)), floor)
 
 
@@ -173,10 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     search = [r for r in results if not r.goals[0] and not r.in_band_at_300]
     drift = [r for r in results if not r.goals[0] and r.in_band_at_300]
     print(f"seeds {args.seeds}: goals 1-4 met on {counts[0]}, {counts[1]}, {counts[2]}, {counts[3]} of {len(seeds)}")
-    floor = sum(r.floor for r in results)
+    em_ok, budget_ok = (sum(r.floor[i] for r in results) for i in range(2))
+    both = sum(all(r.floor) for r in results)
     print(
-        f"mode {config.mode}: EM of samples 500-599 >= the target at a budget within 15% of b* "
-        f"(the floor goal) on {floor} of {len(seeds)}"
+        f"mode {config.mode}: EM of samples 500-599 >= the target on {em_ok}, budget at sample 600 within 15% "
+        f"of b* on {budget_ok}, both (the floor goal) on {both} of {len(seeds)}"
     )
     print(f"goal 1 misses: {len(search)} search (outside +-10% at sample 300), {len(drift)} drift (left it later)")
     for r in results:

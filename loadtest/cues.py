@@ -261,9 +261,21 @@ async def validate(
     return base, rows, winner
 
 
+class _Dumper(yaml.SafeDumper):
+    """Strings with line breaks or edge spaces in double quotes ("\\ncheck\\n"), as a person would write them."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    quoted = any(c in value for c in "\n\t\r") or value != value.strip()
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"' if quoted else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def snippet(route: RouteConfig, cues: Sequence[str], note: str) -> str:
     body = {"routes": {route.name: {"policy": {"name": "cue", "params": {"cues": list(cues)}}}}}
-    return note + yaml.safe_dump(body, sort_keys=False, allow_unicode=True)
+    return note + yaml.dump(body, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 def read_traces(path: Path, idents: Sequence[str]) -> list[Trace] | None:
