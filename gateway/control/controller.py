@@ -87,7 +87,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from functools import lru_cache
 from typing import Any
 
 MODES = ("track", "floor")
@@ -279,16 +278,19 @@ def _forget(state: ControllerState, config: ControllerConfig) -> ControllerState
     )
 
 
-@lru_cache(maxsize=64)
 def floor_target(target: float, z: float, n: int) -> float:
-    """The smallest EM ``p`` whose Wilson lower bound at ``z`` over ``n`` samples at EM ``p`` reaches ``target``."""
-    low, high = target, 1.0
-    if wilson_bound(high, n, z) < target:
+    """The smallest EM ``p`` whose Wilson lower bound at ``z`` over ``n`` samples at EM ``p`` reaches ``target``.
+
+    Closed form: with ``a = z**2 / n`` and ``c = target * (1 + a) - a / 2``, the bound equals the
+    target at the larger root of ``(1 + a) p**2 - (2c + a) p + c**2 - a**2 / 4``; 1.0 if that is out of reach.
+    """
+    a = z * z / n
+    c = target * (1 + a) - a / 2
+    b = 2 * c + a
+    disc = b * b - 4 * (1 + a) * (c * c - a * a / 4)
+    if disc < 0:
         return 1.0
-    for _ in range(40):
-        mid = (low + high) / 2
-        low, high = (mid, high) if wilson_bound(mid, n, z) < target else (low, mid)
-    return high
+    return min(1.0, max(target, (b + math.sqrt(disc)) / (2 * (1 + a))))
 
 
 def wilson_bound(p: float, n: int, z: float) -> float:
