@@ -230,3 +230,20 @@ def test_ensemble_members_are_checked_and_bad_ones_named() -> None:
     for members, message in bad:
         with pytest.raises(PolicyError, match=message):
             ensemble_params({"members": members}, budget=400)
+
+
+def test_a_cue_set_can_be_the_controllers_strictness_ladder(tmp_path: Any) -> None:
+    """Fewer cues stop later: a route may let the controller move between cue sets (strictest first)."""
+    from gateway.settings import ConfigError, load_routes
+    from tests.test_session import routes_file
+
+    ladder = {"param": "cues", "values": [["\nc", "wait"], ["\nc"]]}
+    path = routes_file(tmp_path, policy={"name": "cue", "params": {"cues": ["\nc"]}}, control={"strictness": ladder})
+    route = load_routes(path).routes[0]
+    assert route.control is not None and route.control.strictness is not None
+    assert build_policy("cue", {"cues": route.control.strictness.values[0]}, budget=100).name == "cue"
+    bad = {"param": "cues", "values": [[]]}
+    with pytest.raises(ConfigError, match="strictness"):
+        load_routes(
+            routes_file(tmp_path, policy={"name": "cue", "params": {"cues": ["\nc"]}}, control={"strictness": bad})
+        )
