@@ -9,10 +9,18 @@ cost is asking the engine for the top ``top_logprobs`` alternatives of each
 main-stream token (``engine_logprobs``). A close token outside the top
 alternatives is treated as out of reach. ``min_tokens`` holds off the first
 boundaries.
+
+DeepConf (arXiv 2508.15260) reads the same logprobs the other way: a token's
+confidence is minus the mean log probability of its top alternatives, and a
+trace whose group confidence (the mean over the last ``window`` tokens) falls
+below ``min_confidence`` is unlikely to end right. With ``window`` > 0 the
+policy stops such a trace (``low_confidence``) instead of letting it run on.
 """
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from policies.base import CONTINUE, Decision, PolicyError, ProbeResult, TokenEvent, stop
@@ -27,9 +35,13 @@ class BrakePolicy:
     step: str = "\n"
     top_logprobs: int = 5
     min_tokens: int = 0
+    window: int = 0
+    min_confidence: float = 0.0
     name: str = field(default="brake", init=False)
     wants_logprobs: bool = field(default=False, init=False)
     _at_boundary: bool = field(init=False, default=False)
+    _recent: deque[float] = field(init=False, default_factory=deque)
+    _sum: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.margin <= 50.0:
@@ -42,6 +54,10 @@ class BrakePolicy:
             raise PolicyError(f"top_logprobs: must be in 1..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if self.min_tokens < 0:
             raise PolicyError(f"min_tokens: must be >= 0, got {self.min_tokens}")
+        if not 0 <= self.window <= 4096:
+            raise PolicyError(f"window: must be in 0..4096 tokens (0: off), got {self.window}")
+        if not 0.0 <= self.min_confidence <= 100.0:
+            raise PolicyError(f"min_confidence: must be in [0, 100], got {self.min_confidence}")
 
     @property
     def engine_logprobs(self) -> int:
@@ -58,7 +74,19 @@ class BrakePolicy:
                 if close is not None and best - close <= self.margin:
                     return stop("brake")
             self._at_boundary = choice.token.endswith(self.step)
+            if self.window and self._low_confidence(choice.top):
+                return stop("low_confidence")
         return CONTINUE
+
+    def _low_confidence(self, top: Mapping[str, float]) -> bool:
+        """DeepConf's group confidence over the last ``window`` tokens is below ``min_confidence``."""
+        finite = [v for v in top.values() if v > -1e9]
+        confidence = -sum(finite) / len(finite) if finite else 0.0
+        self._recent.append(confidence)
+        self._sum += confidence
+        if len(self._recent) > self.window:
+            self._sum -= self._recent.popleft()
+        return len(self._recent) == self.window and self._sum / self.window < self.min_confidence
 
     def on_probe(self, result: ProbeResult) -> Decision:
         return CONTINUE

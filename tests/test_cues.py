@@ -247,3 +247,16 @@ def test_a_cue_set_can_be_the_controllers_strictness_ladder(tmp_path: Any) -> No
         load_routes(
             routes_file(tmp_path, policy={"name": "cue", "params": {"cues": ["\nc"]}}, control={"strictness": bad})
         )
+
+
+def test_brake_with_a_window_stops_a_trace_whose_group_confidence_falls() -> None:
+    """DeepConf: confidence = -mean of the top alternatives' logprobs; peaked tokens are confident, flat ones not."""
+    policy = BrakePolicy(margin=0.0, window=3, min_confidence=2.5)
+    peaked = {"a": -0.01, "b": -6.0, "c": -7.0}  # confidence 4.3
+    flat = {"a": -1.0, "b": -1.1, "c": -1.2}  # confidence 1.1
+    assert policy.on_tokens(event("aaa", "aaa", top=tuple(choice("a", peaked) for _ in range(3)))) == CONTINUE
+    assert policy.on_tokens(event("aaab", "b", top=(choice("b", flat),))) == CONTINUE  # (4.3 * 2 + 1.1) / 3 = 3.2
+    assert policy.on_tokens(event("aaabb", "b", top=(choice("b", flat),))) == stop("low_confidence")
+    assert BrakePolicy(window=3, min_confidence=2.0).on_tokens(event("ab", "ab", top=(choice("b", flat),) * 2)) == (
+        CONTINUE  # the window is not full yet
+    )
