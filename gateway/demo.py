@@ -9,6 +9,7 @@ it writes a PNG of budget, window EM and target against samples.
 
     stopgate demo --samples 400 --target 0.8 --out results/demo.png
     stopgate demo --retarget-at 250 --retarget 0.95      # raise the target midway
+    stopgate demo --floor [--z-floor 0.5]                # the target as a floor (control mode: floor)
 """
 
 from __future__ import annotations
@@ -51,6 +52,31 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--retarget", type=float, default=None, help="the new target")
     p.add_argument("--out", type=Path, default=Path("results/demo.png"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--floor", action="store_true", help="hold the target as a floor (docs/controller.md)")
+    p.add_argument("--z-floor", type=float, default=None, help="z of the floor's lower bound (default 0.5)")
+
+
+def floor_routes(route: str, z_floor: float | None, out_dir: Path) -> Path:
+    """A copy of the default routes file whose ``route`` runs its controller in floor mode."""
+    import yaml
+
+    from gateway.settings import DEFAULT_ROUTES
+
+    doc = yaml.safe_load(DEFAULT_ROUTES.read_text())
+    spec = doc["routes"].get(route)
+    if not isinstance(spec, dict) or not isinstance(spec.get("control"), dict):
+        raise ConfigError(f"route {route!r} has no control block in {DEFAULT_ROUTES}")
+    params = {**spec["control"].get("params", {}), "mode": "floor"}
+    if z_floor is not None:
+        params["z_floor"] = z_floor
+    spec["control"]["params"] = params
+    for name in ("references",):  # relative paths are relative to the routes file: pin them
+        evaluation = spec.get("evaluation", {})
+        evaluation[name] = [str((DEFAULT_ROUTES.parent / p).resolve()) for p in evaluation.get(name, [])]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "routes-floor.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
 
 
 async def drive(
@@ -155,7 +181,12 @@ def run(args: argparse.Namespace) -> int:
             return fail(f"{name} must be in (0, 1], got {value}")
     admin_key = secrets.token_urlsafe(16)
     try:
-        given = Settings(upstream_url=args.upstream, admin_key=SecretStr(admin_key), state_path=":memory:", auth="off")
+        extra: dict[str, Any] = {}
+        if args.floor:
+            extra["routes_file"] = floor_routes(args.route, args.z_floor, args.out.parent)
+        given = Settings(
+            upstream_url=args.upstream, admin_key=SecretStr(admin_key), state_path=":memory:", auth="off", **extra
+        )
         with upstream_or_engine(given) as settings, serve_in_thread(create_app(settings)) as url:
             admin = {"authorization": f"Bearer {admin_key}"}
             if args.target is not None:
@@ -189,10 +220,11 @@ def run(args: argparse.Namespace) -> int:
                 )
             )
         print(file=sys.stderr)
-        plot(points, args.out, f"stopgate demo: route {args.route}, {len(points)} gold samples")
+        mode = "floor" if args.floor else "track"
+        plot(points, args.out, f"stopgate demo: route {args.route}, {len(points)} gold samples, mode {mode}")
         tail = points[-100:]
         print(
-            f"stopgate: final budget {points[-1].budget}, EM of the last {len(tail)} "
+            f"stopgate: mode {mode}, final budget {points[-1].budget}, EM of the last {len(tail)} "
             f"{sum(p.correct for p in tail) / len(tail):.3f}, mean tokens/request of the last {len(tail)} "
             f"{sum(p.tokens for p in tail) / len(tail):.1f}; plot: {args.out}",
             file=sys.stderr,

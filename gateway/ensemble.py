@@ -22,7 +22,7 @@ from gateway.protocol import StopgateOptions
 from gateway.serving import Accounting, Generation, RequestContext, StopSpec, resolve_stop_spec
 from gateway.upstream import EngineClient
 from policies.base import PolicyError
-from policies.ensemble import EnsembleParams, Verdict, judge
+from policies.ensemble import EnsembleParams, Verdict, judge, weighted_judge
 from policies.registry import ensemble_params
 
 
@@ -48,10 +48,15 @@ class EnsembleGeneration:
 
     def _sample_ctx(self, index: int) -> RequestContext:
         req = self.ctx.request
-        update: dict[str, Any] = {
-            "stream": False,
-            "stopgate": StopgateOptions(policy=self.plan.inner, params=self.inner_params, budget=self.spec.budget),
-        }
+        member = self.plan.member(index)  # a heterogeneous ensemble: this sample's own stopping setting
+        options = (
+            StopgateOptions(policy=self.plan.inner, params=self.inner_params, budget=self.spec.budget)
+            if member is None
+            else StopgateOptions(
+                policy=member.policy, params=dict(member.params), budget=member.budget or self.spec.budget
+            )
+        )
+        update: dict[str, Any] = {"stream": False, "stopgate": options}
         if "temperature" not in req.model_fields_set:
             update["temperature"] = self.plan.temperature
         sample = req.model_copy(update=update)  # updated fields count as set: they pass through
@@ -85,7 +90,7 @@ class EnsembleGeneration:
                 samples.append((gen, body))
                 self.votes.append(self._answer(body))
                 _add(self.accounting, gen.accounting)
-            verdict = judge(self.votes, self.plan)
+            verdict = weighted_judge(self.votes, self.plan) if self.plan.members else judge(self.votes, self.plan)
             wave = verdict.next_wave
         chosen = next((b for (_, b), v in zip(samples, self.votes, strict=True) if v == verdict.answer), samples[0][1])
         yield from_response(chosen, self.ctx, self._extension(verdict, len(samples)))
@@ -98,7 +103,12 @@ class EnsembleGeneration:
             "policy": "ensemble",
             "stop_reason": f"ensemble_{verdict.reason}",
             "budget": self.spec.budget,
-            "ensemble": {"samples": drawn, "votes": self.votes, "answer": verdict.answer, "inner": self.plan.inner},
+            "ensemble": {
+                "samples": drawn,
+                "votes": self.votes,
+                "answer": verdict.answer,
+                "inner": self.plan.inner if not self.plan.members else "members",
+            },
             "tokens": acc.tokens(),
         }
 

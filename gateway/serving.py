@@ -40,9 +40,12 @@ from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
+from gateway.toplogprobs import logprob_request, token_choices
 from gateway.upstream import EngineClient
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
+from policies.brake import BrakePolicy
 from policies.compose import Bounded
+from policies.cue import CuePolicy
 from policies.marker import MarkerPolicy
 from policies.registry import build_policy
 from policies.static import StaticPolicy
@@ -170,17 +173,21 @@ class Generation:
         self.policy = build_request_policy(ctx, self.spec)
         self.accounting = Accounting()
         self._body = upstream_body(ctx, vllm=vllm)  # validates before any I/O
+        self._top = False  # the policy reads the main stream's top logprobs, which the client did not ask for
         if isinstance(self.policy, Bounded):
             inner = self.policy.inner
             if isinstance(inner, StaticPolicy):
                 self._body.update(inner.engine_params)
-            # The engine may stop at a plain-string marker itself, unless the client set stop strings of its own.
+            # The engine may stop at a plain-string marker or cue itself, unless the client set stop strings.
             elif (
-                isinstance(inner, MarkerPolicy)
+                isinstance(inner, MarkerPolicy | CuePolicy)
                 and vllm
                 and not {"stop", "include_stop_str_in_output"} & set(self._body)
             ):
                 self._body.update(inner.engine_params)
+            elif isinstance(inner, BrakePolicy) and not {"logprobs", "top_logprobs"} & set(self._body):
+                self._body.update(logprob_request(ctx.endpoint, inner.engine_logprobs))
+                self._top = True
         self._parser = ChunkParser(ctx.endpoint)
         self._meta: dict[str, Any] = {}
         self._phase = "thinking"
@@ -275,6 +282,7 @@ class Generation:
             acc.thinking,
             phase_text,
             tuple(lps) if lps else None,
+            token_choices(delta.logprobs) if self._top else None,
         )
         try:
             self._decide(self.policy.on_tokens(event))
@@ -494,6 +502,9 @@ class Generation:
         if "usage" in out and not (opts is not None and opts.continuous_usage_stats):
             del out["usage"]
         out["choices"] = [dict(c) for c in chunk.get("choices") or []]
+        if self._top:
+            for choice in out["choices"]:
+                choice["logprobs"] = None
         return out
 
     def _text_chunk(self, text: str, *, finish_reason: str | None = None, field: str = "content") -> dict[str, Any]:

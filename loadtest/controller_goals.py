@@ -2,6 +2,7 @@
 
     .venv/bin/python -m loadtest.controller_goals [--seeds 1000:1500] [--set drift_threshold=5.5 ...]
     .venv/bin/python -m loadtest.controller_goals --detector [--runs 2000]
+    .venv/bin/python -m loadtest.controller_goals --set mode=floor [--set z_floor=1.0]
 
 The first form runs tests/test_controller.py's scenario (the bundled model's
 measured curve from a cold start, 1.5x harder traffic from sample 1,100) for
@@ -9,7 +10,9 @@ each seed and prints how many seeds meet each goal, with goal 1's misses split
 into *search* misses (the budget is outside +-10% of b* at sample 300) and
 *drift* misses (inside at sample 300, out later: mostly a false alarm of
 the sudden-fall check). ``--set`` overrides ``ControllerConfig`` fields, to try a
-variant.
+variant; ``--set mode=floor`` reports the floor setting (EM as a floor). Both
+modes also report the floor goal: EM of samples 500-599 at or above the
+target, at a budget (sample 600) within 15% of b*.
 
 The second form measures the detector trade-off behind goal 1's drift misses.
 Goal 1 needs no drift alarm in samples 300-599 while EM sits at b* (0.809);
@@ -44,6 +47,7 @@ class SeedGoals:
     goals: tuple[bool, bool, bool, bool]
     in_band_at_300: bool
     budget_range: tuple[int, int]  # lowest and highest budget in samples 300-599
+    floor: tuple[bool, bool] = (False, False)  # EM of samples 500-599 >= target; budget (sample 600) <= 1.15 b*
 
 
 def seed_goals(seed: int, config: ControllerConfig) -> SeedGoals:
@@ -61,7 +65,9 @@ def seed_goals(seed: int, config: ControllerConfig) -> SeedGoals:
     )
     steady = budgets[STEADY[0] : STEADY[1]]
     in_band = b_star * 0.9 <= budgets[STEADY[0]] <= b_star * 1.1
-    return SeedGoals(seed, goals, in_band, (min(steady), max(steady)))
+    last = trace.outcomes[STEADY[1] - 100 : STEADY[1]]
+    floor = (sum(last) >= config.target * len(last), budgets[STEADY[1] - 1] <= 1.15 * b_star)
+    return SeedGoals(seed, goals, in_band, (min(steady), max(steady)), floor)
 
 
 def _seed_goals(args: tuple[int, ControllerConfig]) -> SeedGoals:
@@ -121,13 +127,16 @@ def detector_tradeoff(
     return deadline, rows
 
 
-def _parse_set(items: Sequence[str]) -> dict[str, float | int]:
+def _parse_set(items: Sequence[str]) -> dict[str, float | int | str]:
     known = {f.name: f.type for f in fields(ControllerConfig)}
-    out: dict[str, float | int] = {}
+    out: dict[str, float | int | str] = {}
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in known:
             raise SystemExit(f"--set {item!r}: expected NAME=VALUE with NAME one of {sorted(known)}")
+        if known[name] in (str, "str"):
+            out[name] = value
+            continue
         try:
             out[name] = int(value) if known[name] in (int, "int") else float(value)
         except ValueError:
@@ -164,6 +173,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     search = [r for r in results if not r.goals[0] and not r.in_band_at_300]
     drift = [r for r in results if not r.goals[0] and r.in_band_at_300]
     print(f"seeds {args.seeds}: goals 1-4 met on {counts[0]}, {counts[1]}, {counts[2]}, {counts[3]} of {len(seeds)}")
+    em_ok, budget_ok = (sum(r.floor[i] for r in results) for i in range(2))
+    both = sum(all(r.floor) for r in results)
+    print(
+        f"mode {config.mode}: EM of samples 500-599 >= the target on {em_ok}, budget at sample 600 within 15% "
+        f"of b* on {budget_ok}, both (the floor goal) on {both} of {len(seeds)}"
+    )
     print(f"goal 1 misses: {len(search)} search (outside +-10% at sample 300), {len(drift)} drift (left it later)")
     for r in results:
         if not all(r.goals):

@@ -46,6 +46,8 @@ class Script:
     prompt_tokens: int = 7
     # Chat only: stream the thinking in this delta field, as a reasoning parser does (None: all in content).
     reasoning: str | None = None
+    # Per piece, the top alternatives {token: logprob} at its position; sent when the request asks for logprobs.
+    top_logprobs: list[dict[str, float]] | None = None
 
 
 @dataclass
@@ -233,6 +235,9 @@ class FakeEngine:
             reasoning_tokens += reasoning
             last = i == len(events) - 1
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish if last else None}
+            if script.top_logprobs is not None and request.get("logprobs") and i < len(script.top_logprobs):
+                piece = next(iter(delta.values()))
+                choice["logprobs"] = _logprobs(piece, script.top_logprobs[i], chat)
             if chat:
                 choice["delta"] = delta
             else:
@@ -291,6 +296,15 @@ def _usage(script: Script, completion: int, reasoning_tokens: int | None) -> dic
     if reasoning_tokens is not None:
         usage["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
     return usage
+
+
+def _logprobs(piece: str, top: dict[str, float], chat: bool) -> dict[str, Any]:
+    """One token's logprobs in the endpoint's shape; the piece's own logprob is its top entry, if listed."""
+    own = top.get(piece, min(top.values(), default=0.0) - 1.0)
+    if chat:
+        alts = [{"token": t, "logprob": v} for t, v in top.items()]
+        return {"content": [{"token": piece, "logprob": own, "top_logprobs": alts}]}
+    return {"tokens": [piece], "token_logprobs": [own], "top_logprobs": [dict(top)], "text_offset": [0]}
 
 
 async def _wait_disconnect(receive: Receive) -> None:

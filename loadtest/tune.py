@@ -427,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     ap.add_argument("--out", type=Path, help="results directory (default results/tune/ROUTE)")
     ap.add_argument("--fresh", action="store_true", help="discard stored results in --out and start over")
+    ap.add_argument("--mine-cues", action="store_true", help="mine stop cues instead (see python -m loadtest.cues -h)")
     return ap
 
 
@@ -476,6 +477,11 @@ def _shown(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--mine-cues" in argv:  # a sweep of its own: loadtest/cues.py
+        from loadtest.cues import main as mine_cues
+
+        return mine_cues([a for a in argv if a != "--mine-cues"])
     args = build_parser().parse_args(argv)
     out = args.out or REPO / "results" / "tune" / args.route
     try:

@@ -9,6 +9,7 @@ tested with plain lists of events.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Literal, Protocol
@@ -37,13 +38,24 @@ def stop(reason: str) -> Decision:
 
 
 @dataclass(frozen=True)
+class TokenChoice:
+    """One generated token, its log probability, and the engine's top alternatives at its position."""
+
+    token: str
+    logprob: float
+    top: Mapping[str, float]
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """New output from the main stream.
 
     ``thinking_tokens`` counts the reasoning so far. ``text`` is the recent
     tail (up to a couple of thousand characters) of the current phase: the
     reasoning before the think-close delimiter, or the answer after it.
-    Policies that need more history keep it themselves.
+    Policies that need more history keep it themselves. ``top`` has one
+    ``TokenChoice`` per new token when the main stream carries top logprobs
+    (a policy with ``engine_logprobs`` asks the engine for them).
     """
 
     phase: Phase
@@ -52,6 +64,7 @@ class TokenEvent:
     thinking_tokens: int
     text: str
     logprobs: tuple[float, ...] | None = None
+    top: tuple[TokenChoice, ...] | None = None
 
 
 @dataclass(frozen=True)

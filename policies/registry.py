@@ -13,11 +13,13 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from policies.base import PolicyError, StopPolicy
+from policies.brake import BrakePolicy
 from policies.budget import BudgetPolicy
 from policies.compose import Bounded
 from policies.confidence import ConfidencePolicy
 from policies.convergence import ConvergencePolicy
-from policies.ensemble import EnsembleParams
+from policies.cue import CuePolicy
+from policies.ensemble import EnsembleParams, Member
 from policies.loop import LoopPolicy
 from policies.marker import MarkerPolicy
 from policies.none import BudgetOnly, NoPolicy
@@ -27,6 +29,8 @@ STREAM_POLICIES: dict[str, type[Any]] = {
     "none": NoPolicy,
     "budget": BudgetOnly,  # the budget itself is the outer bound every policy gets
     "marker": MarkerPolicy,
+    "cue": CuePolicy,
+    "brake": BrakePolicy,
     "convergence": ConvergencePolicy,
     "confidence": ConfidencePolicy,
     "loop": LoopPolicy,
@@ -78,10 +82,40 @@ def ensemble_params(params: Mapping[str, Any], *, budget: int = 1) -> tuple[Ense
     if not isinstance(inner_params, Mapping):
         raise PolicyError("policy 'ensemble' parameter 'inner_params': expected a mapping")
     plan: EnsembleParams = construct(
-        EnsembleParams, {k: v for k, v in params.items() if k != "inner_params"}, policy="ensemble"
+        EnsembleParams, {k: v for k, v in params.items() if k not in ("inner_params", "members")}, policy="ensemble"
     )
     build_policy(plan.inner, inner_params, budget=budget)
+    if "members" in params:
+        plan = dataclasses.replace(plan, members=members(params["members"], budget=budget))
     return plan, dict(inner_params)
+
+
+def members(raw: Any, *, budget: int) -> tuple[Member, ...]:
+    """The ensemble's ``members``: a list of ``{policy, params, budget, weight}``, each checked like a route's."""
+    if not isinstance(raw, list | tuple) or not raw:
+        raise PolicyError("policy 'ensemble' parameter 'members': expected a non-empty list")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"policy 'ensemble' parameter 'members[{i}]'"
+        if not isinstance(item, Mapping) or not isinstance(item.get("policy"), str):
+            raise PolicyError(f"{where}: expected an object with a 'policy' name")
+        unknown = sorted(set(item) - {"policy", "params", "budget", "weight"})
+        if unknown:
+            raise PolicyError(f"{where}: unknown key {unknown[0]!r}")
+        params, size, weight = item.get("params", {}), item.get("budget"), item.get("weight", 1.0)
+        if not isinstance(params, Mapping):
+            raise PolicyError(f"{where}: 'params' must be an object")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool)):
+            raise PolicyError(f"{where}: 'budget' must be an integer")
+        if not isinstance(weight, int | float) or isinstance(weight, bool):
+            raise PolicyError(f"{where}: 'weight' must be a number")
+        try:
+            member = Member(item["policy"], dict(params), size, float(weight))
+            build_policy(member.policy, member.params, budget=member.budget or budget)
+        except PolicyError as exc:
+            raise PolicyError(f"{where}: {exc}") from exc
+        out.append(member)
+    return tuple(out)
 
 
 def validate(name: str, params: Mapping[str, Any], *, budget: int = 1) -> None:

@@ -765,7 +765,11 @@ def test_registry_missing_required_parameter_is_named(name: str, missing: str) -
         build_policy(name, {}, budget=100)
 
 
-REQUIRED: dict[str, dict[str, Any]] = {"marker": {"pattern": GSM8K_MARKER}, "static": {"thinking_token_budget": 8}}
+REQUIRED: dict[str, dict[str, Any]] = {
+    "marker": {"pattern": GSM8K_MARKER},
+    "static": {"thinking_token_budget": 8},
+    "cue": {"cues": ["\ncheck\n"]},
+}
 
 
 @pytest.mark.parametrize("name", sorted(STREAM_POLICIES))

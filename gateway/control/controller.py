@@ -67,6 +67,16 @@ differs, ``step`` forgets them (``retarget``) and tests the setting in force
 against the new target, so a raised target loosens and a lowered one
 tightens.
 
+**Two readings of the target** (``mode``). ``track`` (the default) holds EM
+*at* the target: the search settles where EM is about the target, so the
+EM users see is as often a little under it as over. ``floor`` makes the
+target a floor with stated confidence: the controller holds the smallest
+budget whose EM is high enough that the Wilson lower bound at ``z_floor`` of
+a reporting window (``window`` samples) at that EM meets the target
+(``floor_target``; 0.828 for target 0.8, z 0.5, window 50). Every test then
+runs against that EM instead of the target: a little more budget for EM
+that stays above the target. ``state.target`` stays the target as set.
+
 ``frozen`` stops all changes (an operator's override); samples are still
 recorded. ``override_budget`` is the operator's manual move; it resets the
 evidence. docs/controller.md describes every parameter.
@@ -78,6 +88,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
+
+MODES = ("track", "floor")
+"""``track``: hold EM at the target; ``floor``: hold the target as a floor (module docstring)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +117,8 @@ class ControllerConfig:
     drift_threshold: float = 4.5
     deficit: float = 0.1
     deficit_samples: int = 25
+    mode: str = "track"
+    z_floor: float = 0.5
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target <= 1.0:
@@ -143,6 +158,10 @@ class ControllerConfig:
             raise ValueError(f"deficit: must be in (0, target), got {self.deficit}")
         if self.deficit_samples < 1:
             raise ValueError(f"deficit_samples: must be >= 1, got {self.deficit_samples}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode: must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.z_floor < 0:
+            raise ValueError(f"z_floor: must be >= 0, got {self.z_floor}")
 
 
 @dataclass(frozen=True)
@@ -259,8 +278,46 @@ def _forget(state: ControllerState, config: ControllerConfig) -> ControllerState
     )
 
 
+def floor_target(target: float, z: float, n: int) -> float:
+    """The smallest EM ``p`` whose Wilson lower bound at ``z`` over ``n`` samples at EM ``p`` reaches ``target``.
+
+    Closed form: with ``a = z**2 / n`` and ``c = target * (1 + a) - a / 2``, the bound equals the
+    target at the larger root of ``(1 + a) p**2 - (2c + a) p + c**2 - a**2 / 4``; 1.0 if that is out of reach.
+    """
+    a = z * z / n
+    c = target * (1 + a) - a / 2
+    b = 2 * c + a
+    disc = b * b - 4 * (1 + a) * (c * c - a * a / 4)
+    if disc < 0:
+        return 1.0
+    return min(1.0, max(target, (b + math.sqrt(disc)) / (2 * (1 + a))))
+
+
+def wilson_bound(p: float, n: int, z: float) -> float:
+    """The Wilson lower bound at ``z`` of ``n`` samples whose share of hits is ``p`` (not only whole hits)."""
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    return centre - z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+
+
+def deciding(config: ControllerConfig) -> ControllerConfig:
+    """The config the tests run against: in ``floor`` mode, its target is ``floor_target``."""
+    if config.mode != "floor":
+        return config
+    return replace(config, target=floor_target(config.target, config.z_floor, config.window), mode="track")
+
+
 def step(state: ControllerState, sample: Sample, config: ControllerConfig) -> ControllerState:
     """Fold one EM sample into the state, and change the setting when the evidence says so."""
+    if config.mode == "track":
+        return _step(state, sample, config)
+    decide = deciding(config)
+    s = retarget(state, config)  # what was learned holds for the target as set
+    s = _step(replace(s, target=decide.target), sample, decide)
+    return replace(s, target=config.target)
+
+
+def _step(state: ControllerState, sample: Sample, config: ControllerConfig) -> ControllerState:
     window = (*state.window, sample.correct)[-config.window :]
     short = len(window) >= config.window and sum(window) < (config.target - config.deficit) * len(window)
     s = replace(state, window=window, samples=state.samples + 1, short=state.short + 1 if short else 0)
