@@ -34,3 +34,11 @@ prometheus:
 
 test: lint prometheus
 	$(BIN)/pytest
+
+# --- deployment test (issue 16) -----------------------------------------------------------------------------
+# docker/compose.yaml's CPU profile built and run under Podman, checked from the host (tests/deploy). Installs
+# podman, runc, buildah, debootstrap (apt) and podman-compose 1.6.0 (its own venv); stand-in base images and
+# container storage live in STOPGATE_DEPLOY_DIR (default /var/tmp/stopgate-deploy), reused between runs.
+.PHONY: test-deploy
+test-deploy: setup
+	tests/deploy/run.sh
