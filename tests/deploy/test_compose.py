@@ -366,6 +366,8 @@ def test_down_stops_everything_and_a_second_up_reuses_the_images_and_the_volume(
     print(f"\n[deploy] second up returned in {time.monotonic() - started:.0f} s")
     assert {s: stack.inspect(s)["Image"] for s in RUN_SERVICES} == images
     assert set(stack.podman("images", "-q", "--no-trunc").split()) == all_images, "the second up built images"
-    deployment.wait_ready(ENGINE_START_S)
-    # New containers, same named volume: the controller's state is still there.
+    # New containers, same named volume: the controller's state is still there. The admin API does not
+    # need the engine, so the test does not wait for a second engine start.
+    url = f"{deployment.gateway_url}/health"
+    stack.wait("the new gateway to answer /health", lambda: httpx.get(url).is_success, GATEWAY_START_S, GATEWAYS[0])
     assert durable(deployment.admin("GET", "/routes/arith")) == saved_state
