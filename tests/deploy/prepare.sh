@@ -62,6 +62,12 @@ export PODMAN_COMPOSE="$DIR/compose-venv/bin/podman-compose"
 CONF
 # shellcheck source=/dev/null
 . "$DIR/env"
+# An idle bridge left by Podman's older CNI backend holds netavark's default subnet (10.88.0.0/16) and
+# breaks the containers' routing (found here: apt in a build could not reach its mirror).
+if [ -d /sys/class/net/cni-podman0 ] && [ -z "$(ls /sys/class/net/cni-podman0/brif 2>/dev/null)" ]; then
+    log "removing the idle CNI bridge cni-podman0"
+    ip link delete cni-podman0
+fi
 
 # -- stand-in base images -------------------------------------------------------------------------------------
 # Each is rebuilt only when its Containerfile (and what it builds on) changed: the tag carries a label

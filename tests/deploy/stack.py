@@ -123,7 +123,9 @@ class Stack:
             try:
                 if predicate():
                     return
-            except Exception as exc:  # noqa: BLE001 - shown if the deadline passes
+            except AssertionError:
+                raise  # a check inside the predicate failed: that is the answer, not a retry
+            except Exception as exc:  # noqa: BLE001 - a connection refused while starting; shown on timeout
                 last = exc
             if time.monotonic() > deadline:
                 detail = f" (last error: {last!r})" if last else ""
@@ -132,13 +134,17 @@ class Stack:
             time.sleep(1.0)
 
     def wait_healthy(self, service: str, timeout_s: float) -> None:
-        def healthy() -> bool:
-            status = self.health_status(service)
-            if status == "unhealthy":
-                raise DeployError(f"{service} is unhealthy:\n{self.logs(service)}")
-            return status == "healthy"
+        # "unhealthy" is not final (a slow engine start can outlast its start_period): wait for healthy.
+        seen: list[str] = []
 
-        self.wait(f"{service}'s healthcheck to report healthy", healthy, timeout_s, service)
+        def healthy() -> bool:
+            seen.append(self.health_status(service))
+            return seen[-1] == "healthy"
+
+        try:
+            self.wait(f"{service}'s healthcheck to report healthy", healthy, timeout_s, service)
+        except DeployError as exc:
+            raise DeployError(f"{exc}\nhealth states seen: {sorted(set(seen))}") from None
 
 
 class HealthScheduler:
