@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -59,7 +60,7 @@ class Stack:
 
     def compose_cmd(self, *args: str, timeout: float = 900) -> str:
         base = [*self.compose, "--env-file", str(self.env_file), "-f", str(COMPOSE_FILE), "--profile", "cpu"]
-        return run([*base, *args], timeout=timeout)
+        return run([*base, *args], timeout=timeout, env=compose_environment())
 
     def build(self, service: str) -> None:
         self.compose_cmd("build", service, timeout=1800)
@@ -145,6 +146,17 @@ class Stack:
             self.wait(f"{service}'s healthcheck to report healthy", healthy, timeout_s, service)
         except DeployError as exc:
             raise DeployError(f"{exc}\nhealth states seen: {sorted(set(seen))}") from None
+
+
+def compose_environment() -> dict[str, str]:
+    """This process's environment without the variables compose.yaml reads.
+
+    Compose lets the shell's environment override the env file, and tests/conftest.py sets
+    STOPGATE_AUTH=off and STOPGATE_EVAL_SHARE=0 for the in-process tests: passed on, they would
+    silently turn the stack's authentication off (found by the first run of these tests).
+    """
+    names = set(re.findall(r"\$\{(\w+)", COMPOSE_FILE.read_text())) | {"COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME"}
+    return {k: v for k, v in os.environ.items() if k not in names and not k.startswith("STOPGATE_")}
 
 
 class HealthScheduler:
