@@ -103,6 +103,9 @@ class Stack:
         done = subprocess.run([self.engine, "exec", self.container(service), *command], capture_output=True, timeout=60)
         return done.returncode == 0
 
+    def exec_output(self, service: str, *command: str) -> str:
+        return self.podman("exec", self.container(service), *command)
+
     def logs(self, service: str, lines: int = 40) -> str:
         try:
             container = self.container(service)

