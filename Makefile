@@ -40,3 +40,14 @@ redis:
 
 test: lint prometheus redis
 	$(BIN)/pytest
+
+# --- deployment test (issue 16) -----------------------------------------------------------------------------
+# docker/compose.yaml's CPU profile built and run under Podman, checked from the host (tests/deploy). Installs
+# podman, runc, buildah, debootstrap (apt) and podman-compose 1.6.0 (its own venv); stand-in base images and
+# container storage live in STOPGATE_DEPLOY_DIR (default /var/tmp/stopgate-deploy), reused between runs.
+# Part of `make test` (it runs first: a failure stops make before the main pytest run). Drop the
+# `test: test-deploy` line to run it on its own (`make test test-deploy`).
+.PHONY: test-deploy
+test-deploy: setup
+	tests/deploy/run.sh
+test: test-deploy

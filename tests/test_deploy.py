@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -235,19 +236,67 @@ def test_cpu_engine_runs_with_the_flags_of_the_embedded_engine() -> None:
     }
 
 
-def test_gateway_image_is_slim_non_root_and_checks_health() -> None:
+def test_gateway_image_is_slim_multi_stage_pinned_non_root_and_checks_health() -> None:
     lines = [line.strip() for line in (DOCKER / "Dockerfile").read_text().splitlines()]
-    assert lines[[i for i, line in enumerate(lines) if line.startswith("FROM ")][0]] == "FROM python:3.11-slim"
-    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    bases = [line.split()[1] for line in lines if line.startswith("FROM ")]
+    # Two stages on the same pinned slim base (a patch release and a Debian suite, not a moving tag).
+    assert len(bases) == 2 and bases[0] == bases[1], bases
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", bases[0]), bases[0]
+    final = lines[max(i for i, line in enumerate(lines) if line.startswith("FROM ")) :]
+    assert not [line for line in final if "pip install" in line], "the final stage installs nothing"
+    assert any(line.startswith("COPY --from=build /opt/stopgate") for line in final)
+    users = [line.split()[1] for line in final if line.startswith("USER ")]
     assert users and users[-1] not in {"root", "0"}
     text = (DOCKER / "Dockerfile").read_text()
     assert "HEALTHCHECK" in text and "/health" in text.split("HEALTHCHECK", 1)[1]
     installs = [line for line in lines if "pip install" in line]
     assert installs and all("vllm" not in line and "[" not in line for line in installs), installs
+    # Every dependency is pinned, and the pins cover pyproject's base dependencies.
+    pins = {}
+    for line in (DOCKER / "gateway-requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"unpinned: {line}"
+            pins[name.lower()] = version
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"]:
+        assert re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() in pins, requirement
+    kept = [line[1:] for line in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines() if line.startswith("!")]
     for line in lines:
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), f"COPY {source}: no such path in the repo"
+                included = any(
+                    source.rstrip("/") == k.rstrip("/") or source.startswith(k) for k in kept if k.endswith("/")
+                )
+                assert included or source in kept, f"COPY {source}: excluded by Dockerfile.dockerignore"
+
+
+def test_both_profiles_run_the_same_gateway_image_and_settings_against_vllm_8000() -> None:
+    """The GPU profile cannot be built here: it must differ from the tested CPU profile only in the engine."""
+    compose = interpolate(load_compose(), env_example())
+
+    def active(profile: str) -> dict[str, Any]:
+        return {n: s for n, s in compose["services"].items() if profile in s.get("profiles", [profile])}
+
+    cpu, gpu = active("cpu"), active("gpu")
+    assert set(cpu) - {"vllm-cpu"} == set(gpu) - {"vllm"}
+    gateways = [n for n, s in cpu.items() if (s.get("build") or {}).get("dockerfile") == "docker/Dockerfile"]
+    assert "gateway" in gateways
+    for name in gateways:
+        assert cpu[name] == gpu[name], name
+        assert cpu[name]["image"] == cpu["gateway"]["image"], f"{name} runs another image"
+        assert cpu[name]["environment"] == cpu["gateway"]["environment"], f"{name} has other settings"
+        assert "http://vllm:8000" in cpu[name]["command"]
+    # Either engine answers as vllm:8000 with the same served name, request ids and scheduling.
+    gpu_engine, cpu_engine = gpu["vllm"], cpu["vllm-cpu"]
+    assert "vllm" in {gpu_engine.get("container_name", "vllm"), *cpu_engine["networks"]["default"]["aliases"]}
+    for flags in (gpu_engine["command"], cpu_engine["command"]):
+        assert flags[flags.index("--port") + 1] == "8000"
+        assert flags[flags.index("--served-model-name") + 1] == "tinyreason"
+        assert "--enable-request-id-headers" in flags
+        assert flags[flags.index("--scheduling-policy") + 1] == "priority"
+    assert gpu_engine["healthcheck"]["test"] == cpu_engine["healthcheck"]["test"]
 
 
 def test_prometheus_scrapes_the_gateway_and_the_engine_by_service_name() -> None:
