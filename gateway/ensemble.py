@@ -19,7 +19,7 @@ from gateway.errors import InvalidRequest
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
 from gateway.protocol import StopgateOptions
-from gateway.serving import Accounting, Generation, RequestContext, StopSpec, resolve_stop_spec
+from gateway.serving import Accounting, Generation, RequestContext, StopSpec, policy_param, resolve_stop_spec
 from gateway.upstream import EngineClient
 from policies.base import PolicyError
 from policies.ensemble import EnsembleParams, Verdict, judge
@@ -33,9 +33,11 @@ class EnsembleGeneration:
         self.vllm = vllm
         self.spec: StopSpec = resolve_stop_spec(ctx)
         try:
-            self.plan, self.inner_params = ensemble_params(self.spec.params, budget=self.spec.budget)
+            self.plan, self.inner_params = ensemble_params(
+                self.spec.params, budget=self.spec.budget, trusted_patterns=ctx.route.trusted_patterns
+            )
         except PolicyError as exc:
-            raise InvalidRequest(f"Invalid stopping settings: {exc}", param="stopgate") from exc
+            raise InvalidRequest(f"Invalid stopping settings: {exc}", param=policy_param(exc)) from exc
         if ctx.request.n != 1:
             raise InvalidRequest("policy 'ensemble' draws its own samples; send n=1.", param="n")
         self.accounting = Accounting()

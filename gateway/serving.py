@@ -128,14 +128,19 @@ def upstream_body(ctx: RequestContext, *, vllm: bool) -> dict[str, Any]:
     return body
 
 
+def policy_param(exc: PolicyError) -> str:
+    """The request field a bad policy setting came from, e.g. ``stopgate.params.pattern``."""
+    return f"stopgate.params.{exc.param}" if exc.param else "stopgate"
+
+
 def build_request_policy(ctx: RequestContext, spec: StopSpec) -> StopPolicy | None:
     """The request's policy, or None for a plain pass-through. Bad settings are a 400."""
     if spec.policy == "ensemble":
         raise InvalidRequest("policy 'ensemble' is served by the ensemble path", param="stopgate.policy")
     try:
-        policy = build_policy(spec.policy, spec.params, budget=spec.budget)
+        policy = build_policy(spec.policy, spec.params, budget=spec.budget, trusted_patterns=ctx.route.trusted_patterns)
     except PolicyError as exc:
-        raise InvalidRequest(f"Invalid stopping settings: {exc}", param="stopgate") from exc
+        raise InvalidRequest(f"Invalid stopping settings: {exc}", param=policy_param(exc)) from exc
     if ctx.request.n > 1:
         if spec.policy not in (PASSTHROUGH, "static"):
             raise InvalidRequest(

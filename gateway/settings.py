@@ -151,6 +151,19 @@ class RouteConfig(BaseModel):
         return self.budget
 
     @property
+    def trusted_patterns(self) -> frozenset[str]:
+        """The routes file's own regexes (``pattern`` parameters): they run on Python's ``re``, a client's on RE2."""
+        found: set[str] = set()
+        params = self.policy.params
+        for scope in (params, params.get("inner_params")):
+            if isinstance(scope, dict) and isinstance(scope.get("pattern"), str):
+                found.add(scope["pattern"])
+        strictness = self.control.strictness if self.control is not None else None
+        if strictness is not None and strictness.param == "pattern":
+            found.update(v for v in strictness.values if isinstance(v, str))
+        return frozenset(found)
+
+    @property
     def names(self) -> tuple[str, ...]:
         """Every model name a client may send for this route."""
         return (self.name, *self.aliases)

@@ -1,0 +1,88 @@
+"""Issue 14: every client-controlled value is bounded; bad input is a 400 naming the field, never a 500.
+
+Each test here failed on 9632926 (before the fix). The cases that need a real
+`stopgate serve` process (a stalled event loop, slow headers, fd exhaustion)
+are in tests/test_abuse.py.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from loadtest.fake_engine import FakeEngine, Script
+from policies.base import Action, PolicyError, TokenEvent
+from policies.marker import MAX_CLIENT_PATTERN_CHARS, MarkerPolicy
+from policies.registry import build_policy
+from tests.test_errors_and_cancellation import assert_openai_error
+
+Gateway = tuple[str, FakeEngine, Any]
+
+
+def completion(url: str, timeout: float = 30, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
+    """POST /v1/completions; the JSON is ASCII-escaped, so a lone surrogate travels as ``\\ud800``."""
+    raw = json.dumps({"model": "tinyreason", "prompt": "Q: 1+2=?\n", **body})
+    return httpx.post(
+        f"{url}/v1/completions",
+        content=raw,
+        headers={"content-type": "application/json", **(headers or {})},
+        timeout=timeout,
+    )
+
+
+def event(text: str) -> TokenEvent:
+    return TokenEvent("thinking", text[-1:], 1, len(text), text, None)
+
+
+# -- 1. client regexes ----------------------------------------------------------------
+
+
+def test_a_client_pattern_runs_on_a_linear_time_engine_that_refuses_backreferences() -> None:
+    with pytest.raises(PolicyError) as caught:
+        MarkerPolicy(r"(a)\1")
+    assert caught.value.param == "pattern"
+    # Catastrophic for a backtracking engine (2^512 paths); RE2 answers at once.
+    assert MarkerPolicy("(a+)+b").on_tokens(event("a" * 600)).action is Action.CONTINUE
+    assert MarkerPolicy("(?s)(.|[^Z])*Z").on_tokens(event("y" * 600)).action is Action.CONTINUE
+    assert MarkerPolicy(r"####\s*\d+\s").on_tokens(event("x\n#### 42\n")).action is Action.STOP
+
+
+def test_a_routes_file_pattern_stays_on_python_re() -> None:
+    trusted = r"(?<=#)### \d+\n"  # look-behind: Python's re only
+    policy = build_policy("marker", {"pattern": trusted}, budget=100, trusted_patterns={trusted})
+    assert policy.on_tokens(event("x#### 7\n")).action is Action.STOP
+    with pytest.raises(PolicyError):
+        build_policy("marker", {"pattern": trusted}, budget=100)
+
+
+def test_a_lone_surrogate_in_the_text_does_not_break_a_client_pattern() -> None:
+    assert MarkerPolicy("#### 1").on_tokens(event("\ud800#### 1")).action is Action.STOP
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        pytest.param("(" * 1000 + ")" * 1000, id="recursion"),
+        pytest.param("a{4294967295}b{99999}", id="overflow"),
+        pytest.param("a" * (MAX_CLIENT_PATTERN_CHARS + 1), id="too-long"),
+        pytest.param(r"(x)\1", id="backreference"),
+        pytest.param("[", id="invalid"),
+        pytest.param("\ud800", id="lone-surrogate"),
+    ],
+)
+def test_a_bad_client_pattern_is_a_400_naming_stopgate_params_pattern(gateway: Gateway, pattern: str) -> None:
+    url, engine, _ = gateway
+    r = completion(url, stopgate={"policy": "marker", "params": {"pattern": pattern}})
+    assert_openai_error(r, 400, param="stopgate.params.pattern", says="pattern")
+    assert not engine.stats.requests
+
+
+def test_a_catastrophic_client_pattern_does_not_stall_the_request(gateway: Gateway) -> None:
+    url, engine, _ = gateway
+    engine.push(Script(pieces=["<think>", *["a"] * 40, "</think>", "\n#### 3"]))
+    r = completion(url, timeout=20, stopgate={"policy": "marker", "params": {"pattern": "(a+)+b"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["stopgate"]["stop_reason"] == "finished"
