@@ -129,6 +129,8 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
             route,
             request_id,
             max_n=services.settings.max_n,
+            max_cost_multiple=services.settings.max_cost_multiple,
+            max_ensemble_samples=services.settings.max_ensemble_samples,
             controlled=services.control.controlled(route),
         )
         gen = make_generation(services.upstream, ctx, vllm=services.settings.upstream_is_vllm)

@@ -23,6 +23,7 @@ import anyio
 
 from gateway.chunks import ChoiceDelta, ChunkParser
 from gateway.continuation import continuation_body, text_prompt, token_logprobs
+from gateway.cost import COST_STOP, CostMeter, sequences
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
@@ -68,6 +69,9 @@ class RequestContext:
     max_n: int = 8
     max_probes: int | None = None  # the gateway-wide cap, if tighter than the route's
     controlled: Controlled | None = None  # the controller's settings; the request's override wins
+    max_cost_multiple: float = 16.0  # engine tokens per request, as a multiple of its max_tokens (gateway/cost.py)
+    max_ensemble_samples: int = 8
+    cost: CostMeter | None = None  # shared by an ensemble's samples; else the request gets its own
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,12 @@ class Generation:
         self.policy = build_request_policy(ctx, self.spec)
         self.accounting = Accounting()
         self._body = upstream_body(ctx, vllm=vllm)  # validates before any I/O
+        self._max_tokens = int(self._body["max_tokens"])
+        if ctx.cost is None:
+            self.cost = CostMeter.for_request(self._max_tokens, ctx.max_cost_multiple)
+            self.cost.require(sequences(ctx.request), self._max_tokens, param="n", what="This request")
+        else:
+            self.cost = ctx.cost
         if isinstance(self.policy, Bounded):
             inner = self.policy.inner
             if isinstance(inner, StaticPolicy):
@@ -248,7 +258,16 @@ class Generation:
             self.accounting.stop_reason = decision.reason or "policy"
             self._stop_event.set()
         elif decision.action is Action.PROBE and self.probes is not None and self.accounting.stop_reason is None:
-            self.probes.launch(self.accounting.thinking, "".join(self._generated))
+            # A probe spends only the slack: what the main stream and the forced answer may still need stays free.
+            route = self.ctx.route
+            need = route.probe_max_tokens + max(0, self._max_tokens - self.accounting.main) + route.forced_max_tokens
+            if self.cost.fits(need) and self.probes.launch(self.accounting.thinking, "".join(self._generated)):
+                self.cost.charge(route.probe_max_tokens)
+
+    def _charge(self, tokens: int) -> None:
+        if not self.cost.charge(tokens) and self.accounting.stop_reason is None:
+            self.accounting.stop_reason = COST_STOP
+            self._stop_event.set()
 
     def _fail(self, exc: Exception) -> None:
         name = self.policy.name if self.policy else "?"
@@ -319,6 +338,7 @@ class Generation:
                     for delta in self._parser.parse(chunk):
                         if acc.first_token_at is None and delta.text:
                             acc.first_token_at = time.monotonic()
+                        self._charge(delta.tokens)
                         if self.ctx.request.n == 1 or self.policy is not None:
                             self._observe(delta)
                         else:
@@ -347,13 +367,14 @@ class Generation:
                     choice.pop("stop_reason", None)  # the engine's, if it stopped at a marker itself
                 yield held
             held = None
-            if self._phase == "thinking":
+            if self._phase == "thinking" and self.policy is not None and self.cost.remaining > 0:
                 async for out in self._forced_answer():
                     if any(c.get("finish_reason") for c in out["choices"]):
                         held = out
                     else:
                         yield out
-        final = held if held is not None else self._text_chunk("", finish_reason="stop")
+        finish = "length" if acc.stop_reason == COST_STOP else "stop"
+        final = held if held is not None else self._text_chunk("", finish_reason=finish)
         final["usage"] = self._final_usage(usage)
         final["stopgate"] = self.extension()
         yield final
@@ -417,7 +438,7 @@ class Generation:
             route.upstream_model,
             "".join(self._generated),
             suffix,
-            max_tokens=route.forced_max_tokens,
+            max_tokens=min(route.forced_max_tokens, self.cost.remaining),
             greedy=False,
             logprobs=False,
         )
@@ -434,6 +455,7 @@ class Generation:
                     continue
                 for delta in parser.parse(chunk):
                     acc.forced += delta.tokens
+                    self.cost.charge(delta.tokens)
                 out = self._client_chunk(chunk)
                 out["id"] = self._meta.get("id", out.get("id"))
                 out.pop("usage", None)

@@ -273,6 +273,11 @@ class Settings(BaseSettings):
     max_upstream_connections: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
     max_n: int = Field(default=8, ge=1)
+    # The cost bound (gateway/cost.py): engine tokens per request (main stream, every choice and prompt,
+    # probes, forced answer, ensemble samples) at most this multiple of the request's own max_tokens.
+    max_cost_multiple: float = Field(default=16.0, ge=1.0, le=1024.0)
+    # Samples one ensemble request may draw (its max_samples; also bounds wave).
+    max_ensemble_samples: int = Field(default=8, ge=1, le=256)
     log_level: str = "info"
 
     # Client authentication: "keys" needs api_keys_file (gateway/auth.py); "off" only when set explicitly.

@@ -86,3 +86,51 @@ def test_a_catastrophic_client_pattern_does_not_stall_the_request(gateway: Gatew
     r = completion(url, timeout=20, stopgate={"policy": "marker", "params": {"pattern": "(a+)+b"}})
     assert r.status_code == 200, r.text
     assert r.json()["stopgate"]["stop_reason"] == "finished"
+
+
+# -- 2. the cost bound ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("params", [{"max_samples": 1000}, {"wave": 20000, "max_samples": 20000}])
+def test_an_ensemble_over_the_sample_cap_is_a_400_and_reaches_no_engine(gateway: Gateway, params: Any) -> None:
+    url, engine, _ = gateway
+    r = completion(url, max_tokens=480, stopgate={"policy": "ensemble", "params": params})
+    assert_openai_error(r, 400, param="stopgate.params.max_samples", says="max_ensemble_samples")
+    assert not engine.stats.requests
+
+
+def test_an_ensemble_over_the_cost_multiple_is_a_400_naming_the_setting(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: Any
+) -> None:
+    engine, upstream = fake_engine
+    with gateway_factory(upstream, max_cost_multiple=4) as (url, _):
+        r = completion(url, max_tokens=100, stopgate={"policy": "ensemble", "params": {"max_samples": 6}})
+        assert_openai_error(r, 400, param="stopgate.params.max_samples", says="max_cost_multiple=4")
+        assert "STOPGATE_MAX_COST_MULTIPLE" in r.json()["error"]["message"]
+        ok = completion(url, max_tokens=100, stopgate={"policy": "ensemble", "params": {"max_samples": 4}})
+        assert ok.status_code == 200, ok.text
+    assert engine.stats.requests  # the smaller ensemble ran
+
+
+def test_n_times_a_batch_of_prompts_is_bounded_by_the_cost_multiple(gateway: Gateway) -> None:
+    url, engine, _ = gateway
+    r = completion(url, prompt=["Q: 1+2=?\n"] * 4, n=8, max_tokens=10, stopgate={"policy": "none"})
+    assert_openai_error(r, 400, param="n", says="max_cost_multiple=16")
+    assert not engine.stats.requests
+
+
+def test_probes_spend_only_what_the_cost_ceiling_leaves(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: Any
+) -> None:
+    """``probe_every: 1`` asked for a probe per token: 16 more engine requests. Now they must fit the ceiling."""
+    engine, upstream = fake_engine
+    engine.default = Script(pieces=["<think>", *["x"] * 30, "</think>", "\n#### 3"])
+    with gateway_factory(upstream, max_cost_multiple=2) as (url, _):
+        r = completion(
+            url, max_tokens=40, stopgate={"policy": "convergence", "params": {"probe_every": 1}, "budget": 64}
+        )
+        assert r.status_code == 200, r.text
+        tokens = r.json()["stopgate"]["tokens"]
+    assert tokens["net"] <= 2 * 40
+    probes = [req for req in engine.stats.requests if req.get("max_tokens") == 8]
+    assert len(probes) <= (2 * 40 - 32 - 16) // 8  # the slack, in probes of probe_max_tokens
