@@ -14,12 +14,21 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from gateway import sse
 from gateway.chunks import ResponseBuilder
 from gateway.control.plane import choice_text
 from gateway.ensemble import EnsembleGeneration, is_ensemble
-from gateway.errors import GatewayError, LimitExceeded, PayloadTooLarge, UpstreamError, internal_error
+from gateway.errors import (
+    ClientClosed,
+    GatewayError,
+    LimitExceeded,
+    PayloadTooLarge,
+    RequestTimeout,
+    UpstreamError,
+    internal_error,
+)
 from gateway.evaluation import ReferenceItem
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
 from gateway.openapi import errors, json_body
@@ -55,15 +64,22 @@ def request_id_of(request: Request) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body, counted against ``limit`` as it streams in, within ``timeout_s`` (408 past it)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
     data = bytearray()
-    async for piece in request.stream():
-        data += piece
-        if len(data) > limit:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    try:
+        with anyio.fail_after(timeout_s):
+            async for piece in request.stream():
+                data += piece
+                if len(data) > limit:
+                    raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    except TimeoutError as exc:
+        raise RequestTimeout(f"The request body did not arrive within {timeout_s:g} s (body_timeout_s).") from exc
+    except ClientDisconnect as exc:
+        raise ClientClosed("The client closed the connection while sending its request body.") from exc
     return bytes(data)
 
 
@@ -115,7 +131,8 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     try:
         principal = services.auth.authenticate(request.headers.get("authorization"))
         ticket = services.admission.admit()
-        body = parse_json_body(await read_body(request, services.settings.max_request_bytes))
+        settings = services.settings
+        body = parse_json_body(await read_body(request, settings.max_request_bytes, settings.body_timeout_s))
         req = validate_request(endpoint, body)
         route = services.route_for(req.model)
         route_name = route.name

@@ -22,6 +22,7 @@ from gateway.balancer import UpstreamPool
 from gateway.control.plane import ControlPlane
 from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
+from gateway.httpguard import rate_limited_exception_handler
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.services import Services
@@ -74,6 +75,8 @@ def create_app(
         )
         services = Services(settings, routes, upstream, metrics, control, auth)
         app.state.services = holder["services"] = services
+        # The loop's own errors (e.g. accept() out of descriptors) are logged once per interval, not per try.
+        asyncio.get_running_loop().set_exception_handler(rate_limited_exception_handler())
         canaries = asyncio.ensure_future(control.run_canaries(upstream))
         try:
             yield

@@ -272,6 +272,15 @@ class Settings(BaseSettings):
     upstream_retries: int = Field(default=1, ge=0, le=5)
     max_upstream_connections: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    # The HTTP server's own limits (gateway/httpguard.py): a request's line and headers in bytes and
+    # fields (431 past either), time from a connection's first byte to the end of the headers (408), time
+    # to read a request body (408), and open client connections (0: as many as the descriptor limit allows
+    # beside the engine connections; one more gets 503 and is closed).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1 << 20)
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=0, ge=0)
     max_n: int = Field(default=8, ge=1)
     # The cost bound (gateway/cost.py): engine tokens per request (main stream, every choice and prompt,
     # probes, forced answer, ensemble samples) at most this multiple of the request's own max_tokens.
