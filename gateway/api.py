@@ -136,7 +136,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
         req = validate_request(endpoint, body)
         route = services.route_for(req.model)
         route_name = route.name
-        services.auth.authorize(principal, route.name)
+        services.auth.authorize(principal, route.name, reference_id=req.reference is not None)
         check_prompt_size(req, services.settings.max_prompt_chars)
         ticket.enter_route(route)
         item = services.control.match(route, req)

@@ -8,15 +8,18 @@ are in tests/test_abuse.py.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from loadtest.fake_engine import FakeEngine, Script
 from policies.base import Action, PolicyError, TokenEvent
 from policies.marker import MAX_CLIENT_PATTERN_CHARS, MarkerPolicy
 from policies.registry import build_policy
+from tests.test_control_plane import KEY, complete, routes_file, state
 from tests.test_errors_and_cancellation import assert_openai_error
 
 Gateway = tuple[str, FakeEngine, Any]
@@ -134,3 +137,64 @@ def test_probes_spend_only_what_the_cost_ceiling_leaves(
     assert tokens["net"] <= 2 * 40
     probes = [req for req in engine.stats.requests if req.get("max_tokens") == 8]
     assert len(probes) <= (2 * 40 - 32 - 16) // 8  # the slack, in probes of probe_max_tokens
+
+
+# -- 4. no steering the controller by proxy ---------------------------------------------
+
+
+@pytest.fixture
+def plane(fake_engine: tuple[FakeEngine, str], gateway_factory: Any, tmp_path: Path) -> Any:
+    """A gateway whose route `arith` has a controller and the reference items a1..a3 (tests/test_control_plane)."""
+    engine, upstream = fake_engine
+    engine.default = Script(pieces=["<think>", "\n", "1", "+", "2", "=", "3", "\n", "</think>", "\n#### 3"])
+
+    def start(**settings: Any) -> Any:
+        settings.setdefault("admin_key", KEY)
+        return gateway_factory(upstream, routes_file=routes_file(tmp_path), **settings)
+
+    return engine, start
+
+
+def test_a_reference_id_with_another_prompt_is_refused_exactly_like_an_unknown_id(plane: Any) -> None:
+    engine, start = plane
+    with start() as (url, _):
+        unrelated = complete(url, prompt="Q: 9+9=?\n", reference_id="a1")  # a1 exists, with another prompt
+        unknown = complete(url, prompt="Q: 9+9=?\n", reference_id="a9")
+        assert complete(url, reference_id="a1").status_code == 200  # the item's own prompt
+    assert_openai_error(unrelated, 400, param="reference_id")
+    assert unrelated.json()["error"]["message"].replace("'a1'", "'a9'") == unknown.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"max_tokens": 1}, {"temperature": 1.5}, {"top_p": 0.1}, {"stop": ["+"]}, {"ignore_eos": True}],
+    ids=["max_tokens", "temperature", "top_p", "stop", "ignore_eos"],
+)
+def test_gold_requests_that_change_generation_do_not_move_the_budget(plane: Any, fields: Any) -> None:
+    _, start = plane
+    with start() as (url, _):
+        for _ in range(40):
+            assert complete(url, reference_id="a1", **fields).status_code == 200
+        s = state(url)
+    assert s["samples"]["gold"] == 40 and s["budget"] == 400 and s["controller"]["adjustments"] == 0
+
+
+def test_a_key_may_be_barred_from_sending_reference_ids(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: Any, tmp_path: Path
+) -> None:
+    _, upstream = fake_engine
+    keys = tmp_path / "keys.yaml"
+    keys.write_text(
+        yaml.safe_dump({"keys": [{"name": "plain", "key": "sk-plain-client-0123456789", "reference_ids": False}]})
+    )
+    auth = {"authorization": "Bearer sk-plain-client-0123456789"}
+    with gateway_factory(upstream, auth="keys", api_keys_file=keys, routes_file=routes_file(tmp_path)) as (url, _):
+        r = httpx.post(
+            f"{url}/v1/completions",
+            json={"model": "arith", "prompt": "Q: 1+2=?\n", "reference_id": "a1"},
+            headers=auth,
+            timeout=30,
+        )
+        ok = httpx.post(f"{url}/v1/completions", json={"model": "arith", "prompt": "Q"}, headers=auth, timeout=30)
+    assert_openai_error(r, 403, param="reference_id")
+    assert ok.status_code == 200

@@ -61,7 +61,7 @@ from gateway.evaluation import (
     load_reference_file,
     parse_reference_lines,
 )
-from gateway.evaluation.matching import ReferenceIndex, messages_key, prompt_key
+from gateway.evaluation.matching import ReferenceIndex, item_key, request_key, steering_override
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.serving import Controlled, Generation, RequestContext
@@ -176,30 +176,32 @@ class ControlPlane:
         return self.routes[route.name].controlled()
 
     def match(self, route: RouteConfig, request: CompletionRequest | ChatCompletionRequest) -> ReferenceItem | None:
-        """The reference item a live request replays, if any. An unknown explicit id is a 400."""
+        """The reference item a live request replays, if any.
+
+        An explicit ``reference_id`` must name an item whose prompt is the request's own: an unknown id and
+        one that names another prompt get the same 400, so the answer says nothing about which ids exist.
+        """
         refs = self.routes[route.name].references
         explicit = request.reference
+        key = request_key(request) if explicit is not None or len(refs) else None
         if explicit is not None:
             item = refs.by_id(explicit)
-            if item is None:
+            if item is None or key is None or item_key(item) != key:
                 raise InvalidRequest(
-                    f"reference_id {explicit!r} is not in the reference sets of route '{route.name}'.",
+                    f"reference_id {explicit!r} does not name a reference item of route '{route.name}' whose "
+                    "prompt is this request's.",
                     param="reference_id",
                 )
             return item
-        if len(refs) == 0:
-            return None
-        if isinstance(request, CompletionRequest):
-            return refs.by_key(prompt_key(request.prompt)) if isinstance(request.prompt, str) else None
-        pairs = [(m.role, m.content) for m in request.messages if isinstance(m.content, str)]
-        return refs.by_key(messages_key(pairs)) if len(pairs) == len(request.messages) else None
+        return refs.by_key(key) if key is not None else None
 
     def finished(self, gen: Generation, item: ReferenceItem | None, text: str, upstream: EngineClient) -> None:
         """A live request has ended well: count its tokens, score it, maybe start a shadow rerun."""
         rc = self.routes[gen.ctx.route.name]
         self.count_live(rc.route.name, gen.accounting.net)
-        at_controlled = gen.ctx.controlled is not None and not (
-            gen.ctx.request.stopgate is not None and gen.ctx.request.stopgate.overrides
+        # Only a request at the route's own settings speaks for them (issue 14: no steering by proxy).
+        at_controlled = (
+            gen.ctx.controlled is not None and steering_override(gen.ctx.request, rc.route.default_max_tokens) is None
         )
         if item is not None:
             correct = self._score(rc.route, text, item.answers)
