@@ -30,6 +30,7 @@ from gateway.errors import (
     internal_error,
 )
 from gateway.evaluation import ReferenceItem
+from gateway.fields import check_client_fields
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
 from gateway.openapi import errors, json_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, parse_json_body, validate_request
@@ -137,7 +138,14 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
         route = services.route_for(req.model)
         route_name = route.name
         services.auth.authorize(principal, route.name, reference_id=req.reference is not None)
-        check_prompt_size(req, services.settings.max_prompt_chars)
+        check_prompt_size(req, settings.max_prompt_chars)
+        check_client_fields(
+            req,
+            req.passthrough(),
+            allowed=route.client_fields,
+            max_n=settings.max_n,
+            max_batch_prompts=settings.max_batch_prompts,
+        )
         ticket.enter_route(route)
         item = services.control.match(route, req)
         ctx = RequestContext(

@@ -20,18 +20,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.errors import LimitExceeded
+from gateway.fields import prompt_count
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 COST_STOP = "cost_limit"
 
 
 def sequences(request: CompletionRequest | ChatCompletionRequest) -> int:
-    """How many sequences the engine generates for the request: ``n`` for each prompt of a batch."""
-    prompts = 1
-    if isinstance(request, CompletionRequest) and isinstance(request.prompt, list) and request.prompt:
-        # A list of strings or of token-id lists is a batch; a flat list of ints is one tokenised prompt.
-        prompts = 1 if isinstance(request.prompt[0], int) else len(request.prompt)
-    return request.n * prompts
+    """How many sequences the engine generates for the request: ``n`` (or ``best_of``) for each prompt of a batch."""
+    best_of = getattr(request, "best_of", None)
+    per_prompt = max(request.n, best_of if isinstance(best_of, int) and not isinstance(best_of, bool) else 1)
+    return per_prompt * prompt_count(request)
 
 
 @dataclass

@@ -109,6 +109,9 @@ class RouteConfig(BaseModel):
     forced_max_tokens: int = Field(default=16, ge=1, le=1024)
     max_probes: int = Field(default=16, ge=0, le=256)
     max_inflight_probes: int = Field(default=2, ge=1, le=16)
+    # Engine fields that are the gateway's to set (gateway/fields.py: priority, ignore_eos) which clients of
+    # this route may send anyway.
+    client_fields: tuple[str, ...] = ()
     # Live requests of this route at once (None: only the gateway-wide max_in_flight applies).
     max_in_flight: int | None = Field(default=None, ge=1)
 
@@ -287,6 +290,8 @@ class Settings(BaseSettings):
     max_cost_multiple: float = Field(default=16.0, ge=1.0, le=1024.0)
     # Samples one ensemble request may draw (its max_samples; also bounds wave).
     max_ensemble_samples: int = Field(default=8, ge=1, le=256)
+    # Prompts in one batched /v1/completions request (gateway/fields.py has the other field bounds).
+    max_batch_prompts: int = Field(default=16, ge=1, le=4096)
     log_level: str = "info"
 
     # Client authentication: "keys" needs api_keys_file (gateway/auth.py); "off" only when set explicitly.

@@ -167,8 +167,8 @@ def test_a_reference_id_with_another_prompt_is_refused_exactly_like_an_unknown_i
 
 @pytest.mark.parametrize(
     "fields",
-    [{"max_tokens": 1}, {"temperature": 1.5}, {"top_p": 0.1}, {"stop": ["+"]}, {"ignore_eos": True}],
-    ids=["max_tokens", "temperature", "top_p", "stop", "ignore_eos"],
+    [{"max_tokens": 1}, {"temperature": 1.5}, {"top_p": 0.1}, {"stop": ["+"]}, {"min_tokens": 4}],
+    ids=["max_tokens", "temperature", "top_p", "stop", "min_tokens"],
 )
 def test_gold_requests_that_change_generation_do_not_move_the_budget(plane: Any, fields: Any) -> None:
     _, start = plane
@@ -198,3 +198,40 @@ def test_a_key_may_be_barred_from_sending_reference_ids(
         ok = httpx.post(f"{url}/v1/completions", json={"model": "arith", "prompt": "Q"}, headers=auth, timeout=30)
     assert_openai_error(r, 403, param="reference_id")
     assert ok.status_code == 200
+
+
+# -- 5. batch and engine fields -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"prompt": ["Q"] * 100_000, "n": 8}, "prompt"),
+        ({"prompt": ["Q"] * 17}, "prompt"),
+        ({"priority": -1000}, "priority"),
+        ({"ignore_eos": True, "min_tokens": 480}, "ignore_eos"),
+        ({"best_of": 20}, "best_of"),
+        ({"logprobs": 1_000_000}, "logprobs"),
+        ({"stop": [f"s{i}" for i in range(1000)]}, "stop"),
+        ({"stop": "x" * 10_000}, "stop"),
+        ({"logit_bias": {str(i): 1 for i in range(1000)}}, "logit_bias"),
+    ],
+    ids=["batch-100k", "batch-17", "priority", "ignore_eos", "best_of", "logprobs", "stops", "long-stop", "bias"],
+)
+def test_unbounded_engine_fields_are_400s_naming_the_field(gateway: Gateway, fields: Any, param: str) -> None:
+    url, engine, _ = gateway
+    r = completion(url, **fields)
+    assert_openai_error(r, 400, param=param)
+    assert not engine.stats.requests
+
+
+def test_a_route_may_open_priority_to_its_clients(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: Any, tmp_path: Path
+) -> None:
+    engine, upstream = fake_engine
+    routes = tmp_path / "routes.yaml"
+    route = {"aliases": ["tinyreason"], "upstream_model": "tinyreason", "client_fields": ["priority"]}
+    routes.write_text(yaml.safe_dump({"routes": {"arith": route}}))
+    with gateway_factory(upstream, routes_file=routes) as (url, _):
+        assert completion(url, priority=5, logprobs=2, stop=["\n\n"]).status_code == 200
+    assert engine.stats.requests[0]["priority"] == 5
