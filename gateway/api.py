@@ -131,7 +131,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     ticket: Ticket | None = None
     try:
         principal = services.auth.authenticate(request.headers.get("authorization"))
-        ticket = services.admission.admit()
+        ticket = services.admission.admit(principal)
         settings = services.settings
         body = parse_json_body(await read_body(request, settings.max_request_bytes, settings.body_timeout_s))
         req = validate_request(endpoint, body)

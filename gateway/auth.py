@@ -114,6 +114,11 @@ class Authenticator:
             (e.digest, Principal(e.name, frozenset(e.routes), e.reference_ids, e.max_in_flight)) for e in entries or []
         ]
 
+    @property
+    def keys(self) -> int:
+        """How many client keys are configured (0 with authentication off)."""
+        return len(self._keys)
+
     def authenticate(self, authorization: str | None) -> Principal:
         if not self.enabled:
             return ANONYMOUS

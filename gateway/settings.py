@@ -299,6 +299,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     # Backpressure: past this many live requests in flight the gateway answers 429 with Retry-After.
     max_in_flight: int = Field(default=1024, ge=1)
+    # With several client keys, one key's share of max_in_flight (a key's `max_in_flight` in the keys file wins).
+    key_share: float = Field(default=0.5, gt=0.0, le=1.0)
     # The prompt (or all message contents) in characters.
     max_prompt_chars: int = Field(default=200_000, ge=1)
     # On SIGTERM: how long in-flight requests may take to finish before they are cut.

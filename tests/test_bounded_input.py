@@ -7,6 +7,7 @@ are in tests/test_abuse.py.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from loadtest.fake_engine import FakeEngine, Script
 from policies.base import Action, PolicyError, TokenEvent
 from policies.marker import MAX_CLIENT_PATTERN_CHARS, MarkerPolicy
 from policies.registry import build_policy
+from tests.test_auth_limits import KEY_ALL, KEY_OTHER, bearer, keys_file, two_routes
 from tests.test_control_plane import KEY, complete, routes_file, state
 from tests.test_errors_and_cancellation import assert_openai_error
 
@@ -235,3 +237,44 @@ def test_a_route_may_open_priority_to_its_clients(
     with gateway_factory(upstream, routes_file=routes) as (url, _):
         assert completion(url, priority=5, logprobs=2, stop=["\n\n"]).status_code == 200
     assert engine.stats.requests[0]["priority"] == 5
+
+
+# -- 6. slow bodies and one key's share ----------------------------------------------------
+
+
+async def _slow_body(url: str, key: str) -> bytes:
+    """A request whose body never finishes (Content-Length 1000, one byte sent); the gateway's answer."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {key}\r\n"
+        "content-type: application/json\r\ncontent-length: 1000\r\n\r\n{"
+    )
+    writer.write(head.encode())
+    try:
+        return await asyncio.wait_for(reader.read(), timeout=30)
+    finally:
+        writer.close()
+
+
+def test_one_key_with_slow_bodies_cannot_hold_every_slot(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: Any, tmp_path: Path
+) -> None:
+    _, upstream = fake_engine
+    settings = {"auth": "keys", "api_keys_file": keys_file(tmp_path), "routes_file": two_routes(tmp_path)}
+    with gateway_factory(upstream, max_in_flight=4, body_timeout_s=3, **settings) as (url, _):
+
+        async def attack() -> tuple[list[bytes], httpx.Response]:
+            slow = [asyncio.ensure_future(_slow_body(url, KEY_ALL)) for _ in range(4)]
+            await asyncio.sleep(1.0)  # the slow ones hold their places now
+            async with httpx.AsyncClient(timeout=30) as client:
+                other = await client.post(
+                    f"{url}/v1/completions", json={"model": "other", "prompt": "Q"}, headers=bearer(KEY_OTHER)
+                )
+            return list(await asyncio.gather(*slow)), other
+
+        answers, other = asyncio.run(attack())
+    assert other.status_code == 200, other.text
+    assert sum(a.startswith(b"HTTP/1.1 429") for a in answers) == 2, [a[:20] for a in answers]
+    timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
+    assert len(timed_out) == 2 and all(b"body_timeout_s" in a for a in timed_out)
