@@ -22,6 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.auth import bearer_token
 from gateway.control.plane import ControlPlane
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from gateway.evaluation import ReferenceSetError
@@ -40,12 +41,17 @@ def _plane(request: Request) -> ControlPlane:
     key = services.settings.admin_key
     if key is None:
         raise NotFound("Not Found")
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-admin-key", "")
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+    if not has_admin_key(request, key.get_secret_value()):
         raise Unauthorized("A valid admin key is required (Authorization: Bearer <key>).", code="invalid_admin_key")
     plane: ControlPlane = services.control
     return plane
+
+
+def has_admin_key(request: Request, key: str) -> bool:
+    """Whether the request shows ``key``: ``Authorization: Bearer`` parsed as for clients, or ``x-admin-key``."""
+    auth = request.headers.get("authorization")
+    given = bearer_token(auth) or request.headers.get("x-admin-key", "")
+    return hmac.compare_digest(given.encode(), key.encode())
 
 
 async def _json(request: Request) -> dict[str, Any]:

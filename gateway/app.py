@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import openapi
+from gateway.admin import has_admin_key
 from gateway.admin import router as admin_router
 from gateway.api import router
 from gateway.auth import build_authenticator
@@ -86,10 +87,14 @@ def create_app(
             await control.aclose()
             await upstream.aclose()
 
-    app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.include_router(router)
     app.include_router(admin_router)
     openapi.install(app, CompletionRequest, ChatCompletionRequest, model_names=list(routes.by_model()))
+    admin_key = settings.admin_key.get_secret_value() if settings.admin_key is not None else None
+    openapi.serve_schema(
+        app, is_admin=lambda r: admin_key is not None and has_admin_key(r, admin_key), docs=settings.api_docs
+    )
     _install_error_handlers(app)
     return app
 

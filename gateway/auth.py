@@ -106,6 +106,16 @@ def load_keys(path: Path, routes: set[str]) -> list[KeyEntry]:
     return entries
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in ``Authorization: Bearer <key>`` (scheme in any case, spaces around the key ignored), or None.
+
+    The client and the admin API both parse the header here, so they accept exactly the same forms.
+    """
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 class Authenticator:
     def __init__(self, entries: list[KeyEntry] | None) -> None:
         """``None``: authentication is off (explicitly configured)."""
@@ -122,10 +132,10 @@ class Authenticator:
     def authenticate(self, authorization: str | None) -> Principal:
         if not self.enabled:
             return ANONYMOUS
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(authorization)
+        if token is None:
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        presented = hashlib.sha256(token.strip().encode()).digest()
+        presented = hashlib.sha256(token.encode()).digest()
         found: Principal | None = None
         for digest, principal in self._keys:  # every digest is compared: no early exit
             if hmac.compare_digest(presented, digest):

@@ -23,6 +23,9 @@ BUNDLED_MODEL = REPO_ROOT / "models" / "tinyreason"
 DEFAULT_ROUTES = Path(__file__).resolve().parent / "routes.yaml"
 
 
+MIN_ADMIN_KEY_CHARS = 16
+
+
 class ConfigError(Exception):
     """A start-up configuration problem; the message names the bad key."""
 
@@ -306,8 +309,12 @@ class Settings(BaseSettings):
     # On SIGTERM: how long in-flight requests may take to finish before they are cut.
     drain_timeout_s: float = Field(default=30.0, ge=0)
 
-    # Admin API (/admin/...): off unless a key is set; every call needs `Authorization: Bearer <key>`.
+    # Admin API (/admin/...): off unless a key is set (an empty value: off); every call needs
+    # `Authorization: Bearer <key>`. At least 16 characters, like client keys.
     admin_key: SecretStr | None = None
+    # /docs and /redoc (the interactive API pages). /openapi.json lists the admin operations only to a
+    # caller with the admin key.
+    api_docs: bool = False
     # Controller state (SQLite, WAL); ":memory:" keeps it in the process only.
     state_path: str = "state/stopgate.db"
     # Evaluation work (canary replays, shadow reruns) may spend at most this share of live tokens ...
@@ -317,6 +324,18 @@ class Settings(BaseSettings):
     # vLLM request priority for evaluation work (larger runs later); needs the engine's
     # `--scheduling-policy priority`. None: send no priority.
     eval_priority: int | None = None
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _admin_key(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            return None  # empty: the admin API is off
+        if isinstance(raw, str) and len(raw.strip()) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(
+                f"the admin key must be at least {MIN_ADMIN_KEY_CHARS} characters (or empty: admin API off)"
+            )
+        return v
 
     @field_validator("upstream_url")
     @classmethod

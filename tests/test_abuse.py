@@ -276,6 +276,7 @@ def test_connections_are_capped_below_the_descriptor_limit(engine: tuple[FakeEng
         refused, fds = asyncio.run(hold(400))
         assert refused >= 400 - 256, refused
         assert fds < 256, fds
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        health = httpx.get(f"{url}/health", timeout=10)
+        assert health.status_code == 200 and "server" not in health.headers  # finding 13: no `server: uvicorn`
     text = log.read_text()
     assert "Too many open files" not in text and "Traceback" not in text, text[-2000:]

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from gateway.settings import ConfigError, build_settings
 from loadtest.fake_engine import FakeEngine, Script
 from policies.base import Action, PolicyError, TokenEvent
 from policies.marker import MAX_CLIENT_PATTERN_CHARS, MarkerPolicy
@@ -278,3 +279,51 @@ def test_one_key_with_slow_bodies_cannot_hold_every_slot(
     assert sum(a.startswith(b"HTTP/1.1 429") for a in answers) == 2, [a[:20] for a in answers]
     timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
     assert len(timed_out) == 2 and all(b"body_timeout_s" in a for a in timed_out)
+
+
+# -- 7. the admin key --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["x", "short-key-15chr"])
+def test_an_admin_key_under_16_characters_stops_start_up(value: str) -> None:
+    with pytest.raises(ConfigError, match="admin_key.*16 characters"):
+        build_settings(upstream_url="http://127.0.0.1:9", admin_key=value)
+
+
+def test_an_empty_admin_key_turns_the_admin_api_off(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, upstream = fake_engine
+    monkeypatch.setenv("STOPGATE_ADMIN_KEY", "")
+    with gateway_factory(upstream) as (url, _):
+        assert httpx.get(f"{url}/admin/routes", timeout=10).status_code == 404
+        assert httpx.put(f"{url}/admin/routes/tinyreason/budget", json={"budget": 8}, timeout=10).status_code == 404
+
+
+# -- 13. what the public schema and headers say ------------------------------------------------
+
+
+def test_the_public_schema_lists_no_admin_paths_and_the_docs_pages_are_a_setting(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: Any
+) -> None:
+    _, upstream = fake_engine
+    with gateway_factory(upstream, admin_key=KEY) as (url, _):
+        public = httpx.get(f"{url}/openapi.json", timeout=10)
+        admin = httpx.get(f"{url}/openapi.json", headers={"authorization": f"Bearer {KEY}"}, timeout=10)
+        docs = [httpx.get(f"{url}{page}", timeout=10).status_code for page in ("/docs", "/redoc")]
+        r = completion(url)
+    assert "/v1/completions" in public.json()["paths"]
+    assert not [p for p in public.json()["paths"] if p.startswith("/admin")]
+    assert "/admin/routes/{route}/target" in admin.json()["paths"]
+    assert docs == [404, 404]
+    with gateway_factory(upstream, api_docs=True) as (url, _):
+        assert httpx.get(f"{url}/docs", timeout=10).status_code == 200
+    assert r.status_code == 200  # (no `server: uvicorn` from `stopgate serve`: tests/test_abuse.py)
+
+
+def test_admin_bearer_parsing_is_the_clients(fake_engine: tuple[FakeEngine, str], gateway_factory: Any) -> None:
+    _, upstream = fake_engine
+    with gateway_factory(upstream, admin_key=KEY) as (url, _):
+        for header in (f"Bearer  {KEY}", f"bearer {KEY}", f"BEARER {KEY}"):
+            assert httpx.get(f"{url}/admin/routes", headers={"authorization": header}, timeout=10).status_code == 200
+        assert httpx.get(f"{url}/admin/routes", headers={"authorization": "Bearer"}, timeout=10).status_code == 401

@@ -15,7 +15,7 @@ import yaml
 from loadtest.fake_engine import FakeEngine, Script
 from tests.test_errors_and_cancellation import assert_openai_error, wait_until
 
-KEY = "test-admin-key"
+KEY = "test-admin-key-0123456789"
 ADMIN = {"authorization": f"Bearer {KEY}"}
 ITEMS = [
     {"id": "a1", "prompt": "Q: 1+2=?\n", "answers": ["3"], "route": "arith"},
