@@ -26,6 +26,7 @@ from tests.test_control_plane import KEY, complete, routes_file, state
 from tests.test_errors_and_cancellation import assert_openai_error
 
 Gateway = tuple[str, FakeEngine, Any]
+NAN = float("nan")
 
 
 def completion(url: str, timeout: float = 30, headers: dict[str, str] | None = None, **body: Any) -> httpx.Response:
@@ -327,3 +328,44 @@ def test_admin_bearer_parsing_is_the_clients(fake_engine: tuple[FakeEngine, str]
         for header in (f"Bearer  {KEY}", f"bearer {KEY}", f"BEARER {KEY}"):
             assert httpx.get(f"{url}/admin/routes", headers={"authorization": header}, timeout=10).status_code == 200
         assert httpx.get(f"{url}/admin/routes", headers={"authorization": "Bearer"}, timeout=10).status_code == 401
+
+
+# -- 8. 500s that were the client's mistakes -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        ('{"model": "tinyreason", "prompt": "\\ud800"}', "prompt"),
+        ('{"model": "tinyreason", "messages": [{"role": "user", "content": "a\\udfffb"}]}', "messages.content"),
+        ('{"model": "tinyreason", "prompt": "Q", "temperature": NaN}', None),
+        ('{"model": "tinyreason", "prompt": "Q", "top_p": -Infinity}', None),
+    ],
+    ids=["surrogate-prompt", "surrogate-chat", "nan", "infinity"],
+)
+def test_lone_surrogates_and_nan_are_400s(gateway: Gateway, raw: str, param: str | None) -> None:
+    url, engine, _ = gateway
+    path = "/v1/chat/completions" if "messages" in raw else "/v1/completions"
+    r = httpx.post(f"{url}{path}", content=raw, headers={"content-type": "application/json"}, timeout=30)
+    assert_openai_error(r, 400, param=param)
+    assert not engine.stats.requests
+
+
+def test_a_huge_budget_is_a_400(gateway: Gateway) -> None:
+    url, engine, _ = gateway
+    r = completion(url, stopgate={"budget": 1e30})
+    assert_openai_error(r, 400, param="stopgate.budget")
+
+
+def test_admin_input_errors_are_400s(plane: Any) -> None:
+    _, start = plane
+    deep = {"id": "m1", "prompt": "Q: 4+4=?\n", "answers": ["8"], "route": "arith"}
+    deep_line = json.dumps(deep)[:-1] + ', "meta": {"a": ' + "[" * 5000 + "]" * 5000 + "}}"
+    surrogate = json.dumps({**deep, "prompt": "\ud800"})
+    with start() as (url, _):
+        auth = {"authorization": f"Bearer {KEY}"}
+        r = httpx.put(f"{url}/admin/routes/arith/target", json={"target": 0.1}, headers=auth, timeout=10)
+        assert_openai_error(r, 400, param="target", says="drift_drop")
+        for line in (deep_line, surrogate, json.dumps({**deep, "id": "caf\u00e9"}), json.dumps({**deep, "x": NAN})):
+            r = httpx.put(f"{url}/admin/routes/arith/references/x", content=line + "\n", headers=auth, timeout=10)
+            assert_openai_error(r, 400, param="body")

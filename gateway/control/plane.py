@@ -439,7 +439,10 @@ class ControlPlane:
         rc, _, state = self._controlled_route(route_name)
         if not 0.0 < target <= 1.0:
             raise InvalidRequest(f"target {target} must be in (0, 1].", param="target")
-        config = controller_config(rc.route, target)
+        try:
+            config = controller_config(rc.route, target)
+        except ConfigError as exc:  # the route's other controller settings do not fit this target
+            raise InvalidRequest(f"target {target} does not fit the route's controller: {exc}", param="target") from exc
         rc.config = config
         self._commit(rc, retarget(state, config))
         return self.snapshot(route_name)
