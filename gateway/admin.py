@@ -12,6 +12,7 @@ leaks. Bad input is a 400 that names the field, and changes nothing.
     PUT  /admin/routes/{route}/budget           {"budget": 96}: an operator's override
     PUT  /admin/routes/{route}/target           {"target": 0.9}
     PUT  /admin/routes/{route}/references/{name}  a JSONL reference set (the body), validated whole
+    DELETE /admin/routes/{route}/references/{name}  remove a reference set (also one from the routes file)
 """
 
 from __future__ import annotations
@@ -125,6 +126,11 @@ async def upload_references(request: Request, route: str, name: str) -> dict[str
         return plane.upload(route, name, text)
     except ReferenceSetError as exc:
         raise InvalidRequest(f"The reference set was rejected, nothing was loaded:\n{exc}", param="body") from exc
+
+
+@router.delete("/routes/{route}/references/{name}")
+async def delete_references(request: Request, route: str, name: str) -> dict[str, Any]:
+    return _plane(request).delete_references(route, name)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

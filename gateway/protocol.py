@@ -133,8 +133,7 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
     except UnicodeEncodeError:
         param = ".".join(_lone_surrogate(body, ())) or None
         raise InvalidRequest(
-            f"Invalid value for '{param}': a lone surrogate (an unpaired \\ud800-\\udfff escape) is not valid "
-            "Unicode.",
+            f"Invalid value for '{param}': a lone surrogate (an unpaired \\ud800-\\udfff escape) is not valid Unicode.",
             param=param,
         ) from None
     return body

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry
 
-from gateway.settings import ConfigError, build_settings
+from gateway.control.plane import ControlPlane
+from gateway.control.store import open_store
+from gateway.metrics import Metrics
+from gateway.settings import ConfigError, Settings, build_settings
 from loadtest.fake_engine import FakeEngine, Script
 from policies.base import Action, PolicyError, TokenEvent
 from policies.marker import MAX_CLIENT_PATTERN_CHARS, MarkerPolicy
@@ -369,3 +375,61 @@ def test_admin_input_errors_are_400s(plane: Any) -> None:
         for line in (deep_line, surrogate, json.dumps({**deep, "id": "caf\u00e9"}), json.dumps({**deep, "x": NAN})):
             r = httpx.put(f"{url}/admin/routes/arith/references/x", content=line + "\n", headers=auth, timeout=10)
             assert_openai_error(r, 400, param="body")
+
+
+# -- 9. reference ids, background loops, deleting a set ------------------------------------------
+
+
+class _BrokenEngine:
+    """An engine client whose every stream fails with a non-gateway error (a bug, bad data)."""
+
+    @asynccontextmanager
+    async def stream(self, path: str, body: dict[str, Any], *, request_id: str) -> AsyncIterator[Any]:
+        raise UnicodeEncodeError("ascii", request_id, 0, 1, "not ascii")
+        yield  # pragma: no cover
+
+
+def test_the_canary_loop_survives_any_exception_and_counts_it(tmp_path: Path) -> None:
+    settings = Settings(
+        upstream_url="http://127.0.0.1:9",
+        routes_file=routes_file(tmp_path, canary_per_minute=60.0),
+        eval_share=100.0,
+        state_path=":memory:",
+    )
+    metrics = Metrics(CollectorRegistry())
+    plane = ControlPlane(settings, settings.load_routes(), open_store(":memory:"), metrics, in_flight=lambda: 0)
+    plane.count_live("arith", 10_000)
+    naps = 0
+
+    async def sleep(seconds: float) -> None:
+        nonlocal naps
+        naps += 1
+        if naps > 3:
+            raise asyncio.CancelledError
+
+    async def run() -> None:
+        with pytest.raises(asyncio.CancelledError):
+            await plane.run_canaries(_BrokenEngine(), sleep=sleep)  # type: ignore[arg-type]
+
+    asyncio.run(run())
+    assert metrics.registry.get_sample_value("stopgate_background_errors_total", {"task": "canary"}) == 3
+
+
+def test_a_reference_set_can_be_deleted_and_stays_deleted(plane: Any, tmp_path: Path) -> None:
+    _, start = plane
+    db = str(tmp_path / "state.db")
+    auth = {"authorization": f"Bearer {KEY}"}
+    line = json.dumps({"id": "b1", "prompt": "Q: 7+7=?\n", "answers": ["14"], "route": "arith"}) + "\n"
+    with start(state_path=db) as (url, _):
+        assert httpx.put(f"{url}/admin/routes/arith/references/x", content=line, headers=auth).status_code == 200
+        r = httpx.delete(f"{url}/admin/routes/arith/references/x", headers=auth, timeout=10)
+        assert r.status_code == 200 and r.json()["references"] == {"sets": ["refs"], "items": 3}
+        r = httpx.delete(f"{url}/admin/routes/arith/references/refs", headers=auth, timeout=10)  # the routes file's
+        assert r.status_code == 200 and r.json()["references"] == {"sets": [], "items": 0}
+        missing = httpx.delete(f"{url}/admin/routes/arith/references/nope", headers=auth, timeout=10)
+        anonymous = httpx.delete(f"{url}/admin/routes/arith/references/x", timeout=10)
+    assert_openai_error(missing, 404, param="name")
+    assert anonymous.status_code == 401
+    with start(state_path=db) as (url, _):
+        assert state(url)["references"] == {"sets": [], "items": 0}
+        assert complete(url, reference_id="a1").status_code == 400

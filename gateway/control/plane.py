@@ -72,6 +72,8 @@ log = logging.getLogger("stopgate.control")
 
 # Sources of EM samples.
 GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
+# A stored reference set's body that records its deletion (a tombstone: the Store keeps its one write call).
+DELETED = ""
 # Stop reasons that mean the request did not run its reasoning to the end.
 NOT_EARLY = frozenset({"finished"})
 
@@ -162,6 +164,9 @@ class ControlPlane:
             try:
                 refs = load_route_references(route)
                 for name, body in store.reference_sets(route.name):  # uploads survive restarts
+                    if body == DELETED:  # deleted through the admin API (a routes-file set of that name too)
+                        refs = refs.without(name)
+                        continue
                     stored = parse_reference_lines(name, body, source=f"stored {name!r}")
                     refs = refs.replace(check_route(route, stored))
             except (ReferenceSetError, ValueError) as exc:
@@ -336,6 +341,9 @@ class ControlPlane:
                 await self.canary_once(name, upstream)
             except GatewayError as exc:
                 log.warning("canary on route %s failed: %s", name, exc.message)
+            except Exception:  # a bug or bad data must not end the loop for good (issue 14)
+                self.metrics.background_errors.labels("canary").inc()
+                log.exception("canary on route %s failed", name)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         async def guarded() -> None:
@@ -344,6 +352,7 @@ class ControlPlane:
             except GatewayError as exc:
                 log.warning("evaluation run failed: %s", exc.message)
             except Exception:
+                self.metrics.background_errors.labels("evaluation").inc()
                 log.exception("evaluation run failed")
 
         task = asyncio.ensure_future(guarded())
@@ -457,6 +466,15 @@ class ControlPlane:
             raise InvalidRequest(str(exc), param="body") from exc
         self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
         rc.references = references
+        return self.snapshot(route_name)
+
+    def delete_references(self, route_name: str, name: str) -> dict[str, Any]:
+        """Remove the reference set ``name`` (uploaded or from the routes file); durable across restarts."""
+        rc = self.get(route_name)
+        if name not in set(rc.references.names()):
+            raise NotFound(f"Route '{route_name}' has no reference set named '{name}'.", param="name")
+        self.store.save_reference_set(route_name, name, DELETED)
+        rc.references = rc.references.without(name)
         return self.snapshot(route_name)
 
     def _commit(self, rc: RouteControl, state: ControllerState) -> None:

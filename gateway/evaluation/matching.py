@@ -116,6 +116,10 @@ class ReferenceIndex:
         """A new index with ``ref_set`` added, or replacing the set of the same name."""
         return ReferenceIndex((*(s for s in self.sets if s.name != ref_set.name), ref_set))
 
+    def without(self, name: str) -> ReferenceIndex:
+        """A new index without the set called ``name``."""
+        return ReferenceIndex(tuple(s for s in self.sets if s.name != name))
+
     def by_id(self, item_id: str) -> ReferenceItem | None:
         return self._by_id.get(item_id)
 
