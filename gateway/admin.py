@@ -20,9 +20,11 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.api import read_body
 from gateway.auth import bearer_token
 from gateway.control.plane import ControlPlane
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
@@ -32,8 +34,11 @@ from gateway.protocol import parse_json_body
 
 router = APIRouter(prefix="/admin", responses=errors(401, 404))
 
-# Reference uploads may be larger than a chat request.
+# Reference uploads may be larger than a chat request (counted as the body streams in, chunked or not),
+# and may take longer to arrive: UPLOAD_TIMEOUT_FACTOR x body_timeout_s.
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+UPLOAD_TIMEOUT_FACTOR = 10
+MAX_JSON_BYTES = 1_000_000
 
 
 def _plane(request: Request) -> ControlPlane:
@@ -56,10 +61,8 @@ def has_admin_key(request: Request, key: str) -> bool:
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > 1_000_000:
-        raise PayloadTooLarge("The admin request body exceeds 1000000 bytes.")
-    return parse_json_body(raw)
+    settings = request.app.state.services.settings
+    return parse_json_body(await read_body(request, MAX_JSON_BYTES, settings.body_timeout_s))
 
 
 def _number(body: dict[str, Any], name: str, kind: type) -> Any:
@@ -114,16 +117,20 @@ async def set_target(request: Request, route: str) -> dict[str, Any]:
 @router.put("/routes/{route}/references/{name}", responses=errors(400, 413), openapi_extra=text_body("text/plain"))
 async def upload_references(request: Request, route: str, name: str) -> dict[str, Any]:
     plane = _plane(request)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-        raise PayloadTooLarge(f"The reference set is {declared} bytes; the limit is {MAX_UPLOAD_BYTES}.")
-    raw = await request.body()
+    timeout_s = UPLOAD_TIMEOUT_FACTOR * request.app.state.services.settings.body_timeout_s
+    try:
+        raw = await read_body(request, MAX_UPLOAD_BYTES, timeout_s)
+    except PayloadTooLarge as exc:
+        raise PayloadTooLarge(f"The reference set is too large: {exc.message}") from exc
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"The reference set is not UTF-8 (byte {exc.start}).", param="body") from exc
+    del raw
     try:
-        return plane.upload(route, name, text)
+        # Parsing and validating tens of MB takes seconds: off the event loop, one upload at a time.
+        async with plane.upload_lock:
+            return await anyio.to_thread.run_sync(plane.upload, route, name, text)
     except ReferenceSetError as exc:
         raise InvalidRequest(f"The reference set was rejected, nothing was loaded:\n{exc}", param="body") from exc
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -433,3 +433,25 @@ def test_a_reference_set_can_be_deleted_and_stays_deleted(plane: Any, tmp_path: 
     with start(state_path=db) as (url, _):
         assert state(url)["references"] == {"sets": [], "items": 0}
         assert complete(url, reference_id="a1").status_code == 400
+
+
+# -- 10. a chunked admin upload ----------------------------------------------------------------
+
+
+def test_a_chunked_upload_is_counted_against_the_cap_while_it_streams(plane: Any) -> None:
+    _, start = plane
+    sent = 0
+
+    def body() -> Iterator[bytes]:
+        nonlocal sent
+        chunk = b'{"id": "z", "prompt": "Q", "answers": ["1"], "route": "arith"}\n' * (1 << 14)  # ~1 MB
+        while sent < 200 << 20:
+            sent += len(chunk)
+            yield chunk
+
+    with start() as (url, _):
+        auth = {"authorization": f"Bearer {KEY}"}
+        # No Content-Length: the old cap looked only at that header, buffered all 200 MB, then said 400.
+        r = httpx.put(f"{url}/admin/routes/arith/references/big", content=body(), headers=auth, timeout=60)
+        assert_openai_error(r, 413, says="too large")
+        assert state(url)["references"]["sets"] == ["refs"]

@@ -154,6 +154,7 @@ class ControlPlane:
         self.rng = random.Random(seed)
         self.routes: dict[str, RouteControl] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.upload_lock = asyncio.Lock()  # uploads run in a worker thread, one at a time (gateway/admin.py)
         for route in routes.routes:
             config = controller_config(route) if route.control is not None and route.control.enabled else None
             state = None
