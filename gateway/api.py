@@ -162,7 +162,11 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
         policy = gen.policy_name
         if req.stream:
             chunks = gen.chunks()
-            first = await _first(chunks)
+            # The first chunk may be long in coming (an ensemble's comes after its votes): a client
+            # that leaves before it cancels the work, as in the non-streaming path.
+            first = await _with_cancellation(request, _first(chunks))
+            if first is None:
+                return Response(status_code=499)  # client gone; nobody reads this
             response: Response = sse.EventStreamResponse(
                 _sse_body(first, chunks, gen, services, started, item, ticket), headers=headers
             )

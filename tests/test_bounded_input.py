@@ -29,7 +29,7 @@ from policies.marker import MAX_CLIENT_PATTERN_CHARS, MarkerPolicy
 from policies.registry import build_policy
 from tests.test_auth_limits import KEY_ALL, KEY_OTHER, bearer, keys_file, two_routes
 from tests.test_control_plane import KEY, complete, routes_file, state
-from tests.test_errors_and_cancellation import assert_openai_error
+from tests.test_errors_and_cancellation import assert_openai_error, wait_until
 
 Gateway = tuple[str, FakeEngine, Any]
 NAN = float("nan")
@@ -455,3 +455,19 @@ def test_a_chunked_upload_is_counted_against_the_cap_while_it_streams(plane: Any
         r = httpx.put(f"{url}/admin/routes/arith/references/big", content=body(), headers=auth, timeout=60)
         assert_openai_error(r, 413, says="too large")
         assert state(url)["references"]["sets"] == ["refs"]
+
+
+# -- 11. a streaming ensemble whose client leaves early ---------------------------------------------
+
+
+def test_a_streaming_ensemble_is_cancelled_when_its_client_leaves_before_the_first_chunk(gateway: Gateway) -> None:
+    url, engine, _ = gateway
+    engine.default = Script(pieces=["<think>", *["x"] * 400], delay_s=0.05)  # 20 s per sample
+    body = {"model": "tinyreason", "prompt": "Q", "stream": True, "stopgate": {"policy": "ensemble"}}
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=httpx.Timeout(30, read=1.0)) as r:
+            r.read()
+    assert wait_until(lambda: engine.stats.cancelled >= 2 and engine.stats.active == 0, timeout=10), (
+        engine.stats.cancelled,
+        engine.stats.active,
+    )
