@@ -210,6 +210,8 @@ class Generation:
         self.accounting = Accounting()
         self._body = upstream_body(ctx, vllm=vllm)  # validates before any I/O
         self._max_tokens = int(self._body["max_tokens"])
+        # Generated tokens of the main stream, all choices, at which the gateway ends it itself.
+        self._length_limit = self._max_tokens * sequences(ctx.request)
         if ctx.cost is None:
             self.cost = CostMeter.for_request(self._max_tokens, ctx.max_cost_multiple)
             self.cost.require(sequences(ctx.request), self._max_tokens, param="n", what="This request")
@@ -344,6 +346,10 @@ class Generation:
                         else:
                             acc.thinking += delta.tokens
                     out = self._client_chunk(chunk)
+                    if acc.main >= self._length_limit and not any(c.get("finish_reason") for c in out["choices"]):
+                        # The engine ignored max_tokens: the gateway ends the sequence itself, as the engine should.
+                        for choice in out["choices"]:
+                            choice["finish_reason"] = "length"
                     self._finished = self._finished or any(c.get("finish_reason") for c in out["choices"])
                     if held is not None:
                         yield held
@@ -353,6 +359,8 @@ class Generation:
                         break  # leaving the block closes the upstream stream: the engine aborts
                     if any(c.get("finish_reason") for c in out["choices"]):
                         held = out
+                        if acc.main >= self._length_limit:
+                            break  # leaving the block closes the stream of an engine that would go on
                     else:
                         yield out
         finally:

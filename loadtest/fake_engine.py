@@ -38,6 +38,7 @@ class Script:
     error_event_after: int | None = None  # send an SSE error event after this many chunks
     finish_reason: str = "stop"
     prompt_tokens: int = 7
+    ignore_max_tokens: bool = False  # an engine that streams past the request's max_tokens
 
 
 @dataclass
@@ -156,7 +157,7 @@ class FakeEngine:
         rid = "cmpl-fake"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
-        limit = int(request.get("max_tokens") or 1 << 30)
+        limit = 1 << 30 if script.ignore_max_tokens else int(request.get("max_tokens") or 1 << 30)
         pieces = script.pieces[:limit]
         finish = script.finish_reason if len(script.pieces) <= limit else "length"
 

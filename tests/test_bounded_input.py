@@ -471,3 +471,27 @@ def test_a_streaming_ensemble_is_cancelled_when_its_client_leaves_before_the_fir
         engine.stats.cancelled,
         engine.stats.active,
     )
+
+
+# -- 12. an engine that ignores max_tokens ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_gateway_enforces_max_tokens_itself(gateway: Gateway, stream: bool) -> None:
+    url, engine, _ = gateway
+    engine.default = Script(pieces=["<think>", *["x"] * 3777], delay_s=0.001, ignore_max_tokens=True)
+    body = {"max_tokens": 20, "stopgate": {"policy": "none", "budget": 4000}}
+    if stream:
+        with httpx.stream(
+            "POST", f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "Q", "stream": True, **body}
+        ) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        final = events[-1]
+        text = "".join(c["text"] for e in events for c in e["choices"])
+    else:
+        final = completion(url, **body).json()
+        text = final["choices"][0]["text"]
+    assert final["choices"][0]["finish_reason"] == "length"
+    assert final["usage"]["completion_tokens"] == 20 and len(text) == 20 + len("<think>") - 1
+    assert wait_until(lambda: engine.stats.active == 0, timeout=10)
+    assert engine.stats.chunks_sent < 3777
