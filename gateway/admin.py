@@ -12,6 +12,7 @@ leaks. Bad input is a 400 that names the field, and changes nothing.
     PUT  /admin/routes/{route}/budget           {"budget": 96}: an operator's override
     PUT  /admin/routes/{route}/target           {"target": 0.9}
     PUT  /admin/routes/{route}/references/{name}  a JSONL reference set (the body), validated whole
+    DELETE /admin/routes/{route}/references/{name}  remove a reference set (also one from the routes file)
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gateway.api import read_body
+from gateway.auth import bearer_token
 from gateway.control.plane import ControlPlane
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from gateway.evaluation import ReferenceSetError
@@ -30,8 +34,11 @@ from gateway.protocol import parse_json_body
 
 router = APIRouter(prefix="/admin", responses=errors(401, 404))
 
-# Reference uploads may be larger than a chat request.
+# Reference uploads may be larger than a chat request (counted as the body streams in, chunked or not),
+# and may take longer to arrive: UPLOAD_TIMEOUT_FACTOR x body_timeout_s.
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+UPLOAD_TIMEOUT_FACTOR = 10
+MAX_JSON_BYTES = 1_000_000
 
 
 def _plane(request: Request) -> ControlPlane:
@@ -40,19 +47,22 @@ def _plane(request: Request) -> ControlPlane:
     key = services.settings.admin_key
     if key is None:
         raise NotFound("Not Found")
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-admin-key", "")
-    if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
+    if not has_admin_key(request, key.get_secret_value()):
         raise Unauthorized("A valid admin key is required (Authorization: Bearer <key>).", code="invalid_admin_key")
     plane: ControlPlane = services.control
     return plane
 
 
+def has_admin_key(request: Request, key: str) -> bool:
+    """Whether the request shows ``key``: ``Authorization: Bearer`` parsed as for clients, or ``x-admin-key``."""
+    auth = request.headers.get("authorization")
+    given = bearer_token(auth) or request.headers.get("x-admin-key", "")
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
 async def _json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > 1_000_000:
-        raise PayloadTooLarge("The admin request body exceeds 1000000 bytes.")
-    return parse_json_body(raw)
+    settings = request.app.state.services.settings
+    return parse_json_body(await read_body(request, MAX_JSON_BYTES, settings.body_timeout_s))
 
 
 def _number(body: dict[str, Any], name: str, kind: type) -> Any:
@@ -107,18 +117,27 @@ async def set_target(request: Request, route: str) -> dict[str, Any]:
 @router.put("/routes/{route}/references/{name}", responses=errors(400, 413), openapi_extra=text_body("text/plain"))
 async def upload_references(request: Request, route: str, name: str) -> dict[str, Any]:
     plane = _plane(request)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_UPLOAD_BYTES:
-        raise PayloadTooLarge(f"The reference set is {declared} bytes; the limit is {MAX_UPLOAD_BYTES}.")
-    raw = await request.body()
+    timeout_s = UPLOAD_TIMEOUT_FACTOR * request.app.state.services.settings.body_timeout_s
+    try:
+        raw = await read_body(request, MAX_UPLOAD_BYTES, timeout_s)
+    except PayloadTooLarge as exc:
+        raise PayloadTooLarge(f"The reference set is too large: {exc.message}") from exc
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"The reference set is not UTF-8 (byte {exc.start}).", param="body") from exc
+    del raw
     try:
-        return plane.upload(route, name, text)
+        # Parsing and validating tens of MB takes seconds: off the event loop, one upload at a time.
+        async with plane.upload_lock:
+            return await anyio.to_thread.run_sync(plane.upload, route, name, text)
     except ReferenceSetError as exc:
         raise InvalidRequest(f"The reference set was rejected, nothing was loaded:\n{exc}", param="body") from exc
+
+
+@router.delete("/routes/{route}/references/{name}")
+async def delete_references(request: Request, route: str, name: str) -> dict[str, Any]:
+    return _plane(request).delete_references(route, name)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -14,13 +14,23 @@ import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from gateway import sse
 from gateway.chunks import ResponseBuilder
 from gateway.control.plane import choice_text
 from gateway.ensemble import EnsembleGeneration, is_ensemble
-from gateway.errors import GatewayError, LimitExceeded, PayloadTooLarge, UpstreamError, internal_error
+from gateway.errors import (
+    ClientClosed,
+    GatewayError,
+    LimitExceeded,
+    PayloadTooLarge,
+    RequestTimeout,
+    UpstreamError,
+    internal_error,
+)
 from gateway.evaluation import ReferenceItem
+from gateway.fields import check_client_fields
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
 from gateway.openapi import errors, json_body
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, parse_json_body, validate_request
@@ -55,15 +65,22 @@ def request_id_of(request: Request) -> str:
     return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
+    """The body, counted against ``limit`` as it streams in, within ``timeout_s`` (408 past it)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"The request body is {declared} bytes; the limit is {limit}.")
     data = bytearray()
-    async for piece in request.stream():
-        data += piece
-        if len(data) > limit:
-            raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    try:
+        with anyio.fail_after(timeout_s):
+            async for piece in request.stream():
+                data += piece
+                if len(data) > limit:
+                    raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.")
+    except TimeoutError as exc:
+        raise RequestTimeout(f"The request body did not arrive within {timeout_s:g} s (body_timeout_s).") from exc
+    except ClientDisconnect as exc:
+        raise ClientClosed("The client closed the connection while sending its request body.") from exc
     return bytes(data)
 
 
@@ -114,13 +131,21 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
     ticket: Ticket | None = None
     try:
         principal = services.auth.authenticate(request.headers.get("authorization"))
-        ticket = services.admission.admit()
-        body = parse_json_body(await read_body(request, services.settings.max_request_bytes))
+        ticket = services.admission.admit(principal)
+        settings = services.settings
+        body = parse_json_body(await read_body(request, settings.max_request_bytes, settings.body_timeout_s))
         req = validate_request(endpoint, body)
         route = services.route_for(req.model)
         route_name = route.name
-        services.auth.authorize(principal, route.name)
-        check_prompt_size(req, services.settings.max_prompt_chars)
+        services.auth.authorize(principal, route.name, reference_id=req.reference is not None)
+        check_prompt_size(req, settings.max_prompt_chars)
+        check_client_fields(
+            req,
+            req.passthrough(),
+            allowed=route.client_fields,
+            max_n=settings.max_n,
+            max_batch_prompts=settings.max_batch_prompts,
+        )
         ticket.enter_route(route)
         item = services.control.match(route, req)
         ctx = RequestContext(
@@ -129,13 +154,19 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
             route,
             request_id,
             max_n=services.settings.max_n,
+            max_cost_multiple=services.settings.max_cost_multiple,
+            max_ensemble_samples=services.settings.max_ensemble_samples,
             controlled=services.control.controlled(route),
         )
         gen = make_generation(services.upstream, ctx, vllm=services.settings.upstream_is_vllm)
         policy = gen.policy_name
         if req.stream:
             chunks = gen.chunks()
-            first = await _first(chunks)
+            # The first chunk may be long in coming (an ensemble's comes after its votes): a client
+            # that leaves before it cancels the work, as in the non-streaming path.
+            first = await _with_cancellation(request, _first(chunks))
+            if first is None:
+                return Response(status_code=499)  # client gone; nobody reads this
             response: Response = sse.EventStreamResponse(
                 _sse_body(first, chunks, gen, services, started, item, ticket), headers=headers
             )

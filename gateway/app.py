@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway import openapi
+from gateway.admin import has_admin_key
 from gateway.admin import router as admin_router
 from gateway.api import router
 from gateway.auth import build_authenticator
@@ -23,6 +24,7 @@ from gateway.control.fleet import join_fleet
 from gateway.control.plane import ControlPlane
 from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
+from gateway.httpguard import rate_limited_exception_handler
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.responses import ResponsesRequest
@@ -78,6 +80,8 @@ def create_app(
         )
         services = Services(settings, routes, upstream, metrics, control, auth)
         app.state.services = holder["services"] = services
+        # The loop's own errors (e.g. accept() out of descriptors) are logged once per interval, not per try.
+        asyncio.get_running_loop().set_exception_handler(rate_limited_exception_handler())
         canaries = asyncio.ensure_future(control.run_canaries(upstream))
         if fleet is not None:
             fleet.start()
@@ -91,12 +95,16 @@ def create_app(
             await control.aclose()
             await upstream.aclose()
 
-    app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.include_router(router)
     app.include_router(responses_router)
     app.include_router(admin_router)
     openapi.install(
         app, CompletionRequest, ChatCompletionRequest, ResponsesRequest, model_names=list(routes.by_model())
+    )
+    admin_key = settings.admin_key.get_secret_value() if settings.admin_key is not None else None
+    openapi.serve_schema(
+        app, is_admin=lambda r: admin_key is not None and has_admin_key(r, admin_key), docs=settings.api_docs
     )
     _install_error_handlers(app)
     return app

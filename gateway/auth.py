@@ -6,6 +6,8 @@ Keys come from a YAML file (``api_keys_file``)::
       - name: team-a                # shows up nowhere but this file and the logs' key *name*
         sha256: 9f86d08...          # hex digest of the key; or `key: sk-...` in plain text
         routes: [arith]             # "*" (the default) for every route
+        reference_ids: false        # may not name reference items (`reference_id`); default true
+        max_in_flight: 64           # this key's share of the gateway's max_in_flight (default: none)
 
 A request sends ``Authorization: Bearer <key>``. The presented key is hashed
 and compared with every configured digest in constant time (no early exit),
@@ -41,6 +43,10 @@ class KeyEntry(BaseModel):
     key: str | None = Field(default=None, min_length=16)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
     routes: tuple[str, ...] = (ALL_ROUTES,)
+    # Whether requests with this key may send `reference_id` (name a reference item, a gold EM sample).
+    reference_ids: bool = True
+    # Live requests of this key at once; None: only the gateway-wide and route limits apply.
+    max_in_flight: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _one_secret(self) -> KeyEntry:
@@ -62,6 +68,8 @@ class Principal:
 
     name: str
     routes: frozenset[str]
+    reference_ids: bool = True
+    max_in_flight: int | None = None
 
     def may_use(self, route: str) -> bool:
         return ALL_ROUTES in self.routes or route in self.routes
@@ -98,19 +106,36 @@ def load_keys(path: Path, routes: set[str]) -> list[KeyEntry]:
     return entries
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in ``Authorization: Bearer <key>`` (scheme in any case, spaces around the key ignored), or None.
+
+    The client and the admin API both parse the header here, so they accept exactly the same forms.
+    """
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
 class Authenticator:
     def __init__(self, entries: list[KeyEntry] | None) -> None:
         """``None``: authentication is off (explicitly configured)."""
         self.enabled = entries is not None
-        self._keys = [(e.digest, Principal(e.name, frozenset(e.routes))) for e in entries or []]
+        self._keys = [
+            (e.digest, Principal(e.name, frozenset(e.routes), e.reference_ids, e.max_in_flight)) for e in entries or []
+        ]
+
+    @property
+    def keys(self) -> int:
+        """How many client keys are configured (0 with authentication off)."""
+        return len(self._keys)
 
     def authenticate(self, authorization: str | None) -> Principal:
         if not self.enabled:
             return ANONYMOUS
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        token = bearer_token(authorization)
+        if token is None:
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        presented = hashlib.sha256(token.strip().encode()).digest()
+        presented = hashlib.sha256(token.encode()).digest()
         found: Principal | None = None
         for digest, principal in self._keys:  # every digest is compared: no early exit
             if hmac.compare_digest(presented, digest):
@@ -120,9 +145,11 @@ class Authenticator:
         return found
 
     @staticmethod
-    def authorize(principal: Principal, route: str) -> None:
+    def authorize(principal: Principal, route: str, *, reference_id: bool = False) -> None:
         if not principal.may_use(route):
             raise Forbidden(f"This API key may not use the model route '{route}'.", param="model")
+        if reference_id and not principal.reference_ids:
+            raise Forbidden("This API key may not send reference_id.", param="reference_id")
 
 
 def build_authenticator(settings: Settings, routes: set[str]) -> Authenticator:

@@ -23,6 +23,7 @@ from gateway import demo
 from gateway.auth import build_authenticator
 from gateway.control.store import StoreError
 from gateway.engine import EmbeddedEngine, EngineStartError, port_in_use
+from gateway.httpguard import ConnectionLimits, effective_max_connections, guarded_protocol
 from gateway.settings import ConfigError, EngineSettings, Settings, build_settings
 
 log = logging.getLogger("stopgate")
@@ -157,6 +158,16 @@ def _run_uvicorn(settings: Settings) -> int:
     from gateway.app import create_app
 
     app = create_app(settings)
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=effective_max_connections(
+            settings.max_connections, upstream_connections=settings.max_upstream_connections
+        ),
+    )
+    if settings.max_connections and limits.max_connections < settings.max_connections:
+        log.warning("max_connections lowered to %d to stay below the descriptor limit", limits.max_connections)
     # No access log: Prometheus counts requests, and a log line per request costs CPU.
     config = uvicorn.Config(
         app,
@@ -168,6 +179,9 @@ def _run_uvicorn(settings: Settings) -> int:
         # The stdlib loop, not uvloop: under uvloop, 200 clients leaving at once went unnoticed and their
         # engine requests ran to the end (tests/test_faults.py); under asyncio each one aborts.
         loop="asyncio",
+        # httptools with header, timeout and connection limits (gateway/httpguard.py); no `server: uvicorn`.
+        http=guarded_protocol(limits),
+        server_header=False,
     )
 
     class DrainingServer(uvicorn.Server):

@@ -15,11 +15,20 @@ from dataclasses import fields
 from typing import Any
 
 from gateway.chunks import ResponseBuilder
-from gateway.errors import InvalidRequest
+from gateway.cost import COST_STOP, CostMeter
+from gateway.errors import InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
 from gateway.protocol import StopgateOptions
-from gateway.serving import Accounting, Generation, RequestContext, StopSpec, resolve_stop_spec
+from gateway.serving import (
+    Accounting,
+    Generation,
+    RequestContext,
+    StopSpec,
+    max_tokens_for,
+    policy_param,
+    resolve_stop_spec,
+)
 from gateway.upstream import EngineClient
 from policies.base import PolicyError
 from policies.ensemble import EnsembleParams, Verdict, judge, weighted_judge
@@ -33,11 +42,25 @@ class EnsembleGeneration:
         self.vllm = vllm
         self.spec: StopSpec = resolve_stop_spec(ctx)
         try:
-            self.plan, self.inner_params = ensemble_params(self.spec.params, budget=self.spec.budget)
+            self.plan, self.inner_params = ensemble_params(
+                self.spec.params, budget=self.spec.budget, trusted_patterns=ctx.route.trusted_patterns
+            )
         except PolicyError as exc:
-            raise InvalidRequest(f"Invalid stopping settings: {exc}", param="stopgate") from exc
+            raise InvalidRequest(f"Invalid stopping settings: {exc}", param=policy_param(exc)) from exc
         if ctx.request.n != 1:
             raise InvalidRequest("policy 'ensemble' draws its own samples; send n=1.", param="n")
+        # Bounded before any I/O: the samples by the gateway's cap, their tokens by the request's cost ceiling.
+        limit = ctx.max_ensemble_samples
+        if self.plan.max_samples > limit:
+            raise LimitExceeded(
+                f"max_samples={self.plan.max_samples} exceeds the limit of {limit} samples per request "
+                "(max_ensemble_samples).",
+                param="stopgate.params.max_samples",
+            )
+        max_tokens = max_tokens_for(ctx)
+        self.cost = CostMeter.for_request(max_tokens, ctx.max_cost_multiple)
+        self.cost.require(self.plan.max_samples, max_tokens, param="stopgate.params.max_samples", what="This ensemble")
+        self._max_tokens = max_tokens
         self.accounting = Accounting()
         self.policy_name = "ensemble"
         self.probes: Probes | None = None  # samples stop by themselves; the ensemble runs no probes of its own
@@ -61,7 +84,14 @@ class EnsembleGeneration:
             update["temperature"] = self.plan.temperature
         sample = req.model_copy(update=update)  # updated fields count as set: they pass through
         return RequestContext(
-            self.ctx.endpoint, sample, self.ctx.route, f"{self.ctx.request_id}-s{index}", self.ctx.max_n
+            self.ctx.endpoint,
+            sample,
+            self.ctx.route,
+            f"{self.ctx.request_id}-s{index}",
+            self.ctx.max_n,
+            max_probes=self.ctx.max_probes,
+            max_cost_multiple=self.ctx.max_cost_multiple,
+            cost=self.cost,
         )
 
     def _first(self, index: int) -> Generation:
@@ -84,6 +114,10 @@ class EnsembleGeneration:
         wave = self.plan.wave
         verdict = Verdict(False, None, "drawing", wave)
         while not verdict.done:
+            if samples and not self.cost.fits(wave * self._max_tokens):
+                # Another wave could pass the request's cost ceiling: answer with the votes so far.
+                verdict = Verdict(True, verdict.answer, COST_STOP)
+                break
             gens = [self._first(len(samples) + i) for i in range(wave)]
             bodies = await asyncio.gather(*(self._draw(g) for g in gens))
             for gen, body in zip(gens, bodies, strict=True):

@@ -5,6 +5,8 @@
     │   ├── UnknownModel              (404 in OpenAI; 400 here would hide typos, so 404)
     │   └── LimitExceeded             (400, names the limit)
     ├── PayloadTooLarge               (413)
+    ├── RequestTimeout                (408) the body did not arrive within ``body_timeout_s``
+    ├── ClientClosed                  (499) the client left while sending its body
     ├── UpstreamError                 (502, upstream_error)
     │   ├── UpstreamUnavailable       (503) connect refused, DNS, reset before a response
     │   ├── UpstreamTimeout           (504) no bytes within the read/total timeout
@@ -81,6 +83,23 @@ class Forbidden(GatewayError):
     status_code = 403
     error_type = "permission_error"
     code = "route_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    """The client did not send its request body within ``body_timeout_s``; the connection is closed."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+    headers = {"connection": "close"}
+
+
+class ClientClosed(GatewayError):
+    """The client left before its request body arrived (nobody reads the answer; no traceback is logged)."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class Overloaded(GatewayError):

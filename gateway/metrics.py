@@ -135,6 +135,12 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
+        self.background_errors = Counter(
+            "stopgate_background_errors",
+            "Exceptions caught in background work (canary loop, evaluation runs), by task; the work goes on.",
+            ["task"],
+            registry=r,
+        )
         self.eval_skipped = Counter(
             "stopgate_evaluation_skipped",
             "Evaluation runs not started, by route, source and reason (busy, share).",

@@ -9,10 +9,13 @@ helpers describe the bodies and the error responses, so the schema at
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 REF = "#/components/schemas/{model}"
@@ -78,3 +81,34 @@ def install(app: FastAPI, *models: type[BaseModel], model_names: list[str] | Non
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+ADMIN_PREFIX = "/admin"
+
+
+def public_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    """The schema without the admin operations: what a caller without the admin key may read (issue 14)."""
+    paths = {p: ops for p, ops in spec.get("paths", {}).items() if not p.startswith(ADMIN_PREFIX)}
+    return {**spec, "paths": paths}
+
+
+def serve_schema(app: FastAPI, *, is_admin: Callable[[Request], bool], docs: bool) -> None:
+    """``/openapi.json`` (admin operations only for the admin key) and, if ``docs``, ``/docs`` and ``/redoc``.
+
+    Build the app with ``openapi_url=None, docs_url=None, redoc_url=None`` so FastAPI serves none of them itself.
+    """
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def schema(request: Request) -> JSONResponse:
+        spec = app.openapi()
+        return JSONResponse(spec if is_admin(request) else public_schema(spec))
+
+    if docs:
+
+        @app.get("/docs", include_in_schema=False)
+        async def swagger() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+        @app.get("/redoc", include_in_schema=False)
+        async def redoc() -> HTMLResponse:
+            return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")

@@ -44,7 +44,7 @@ class StopgateOptions(BaseModel):
 
     policy: str | None = None
     params: dict[str, Any] | None = None
-    budget: PositiveInt | None = None
+    budget: Annotated[int, Field(ge=1, le=1 << 30), BeforeValidator(_json_int)] | None = None
     # The reference item this request replays: its EM is scored against the item's gold answers.
     reference_id: str | None = Field(default=None, min_length=1, max_length=256)
 
@@ -110,9 +110,14 @@ class ChatCompletionRequest(_Common):
 Endpoint = Literal["completions", "chat"]
 
 
+def _no_constant(name: str) -> Any:
+    raise InvalidRequest(f"The request body is not valid JSON: {name} is not a JSON number.")
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
+    """A JSON object from the body: strict JSON (no NaN or Infinity), valid Unicode (no lone surrogates)."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant)
     except UnicodeDecodeError as exc:
         raise InvalidRequest("The request body is not valid UTF-8.") from exc
     except json.JSONDecodeError as exc:
@@ -123,7 +128,31 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest("The request body nests too deeply.") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        param = ".".join(_lone_surrogate(body, ())) or None
+        raise InvalidRequest(
+            f"Invalid value for '{param}': a lone surrogate (an unpaired \\ud800-\\udfff escape) is not valid Unicode.",
+            param=param,
+        ) from None
     return body
+
+
+def _lone_surrogate(value: Any, path: tuple[str, ...]) -> tuple[str, ...]:
+    """Where in ``value`` a string with a lone surrogate sits (its field path; list indices left out)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or ("body",)
+        return ()
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, path if isinstance(key, int) else (*path, str(key)))
+        if found:
+            return found
+    return ()
 
 
 def validate_request(endpoint: Endpoint, body: dict[str, Any]) -> CompletionRequest | ChatCompletionRequest:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, Principal
 from gateway.control.plane import ControlPlane
 from gateway.errors import Draining, Overloaded, UnknownModel
 from gateway.metrics import Metrics
@@ -27,16 +27,27 @@ class Admission:
     metrics: Metrics
     total: int = 0
     by_route: Counter[str] = field(default_factory=Counter)
+    by_key: Counter[str] = field(default_factory=Counter)
     draining: bool = False
+    # A key's share of max_total when several keys share the gateway (its keys-file max_in_flight wins).
+    key_share: float = 1.0
+    shared: bool = False  # more than one client key: no key may hold every place
 
-    def admit(self) -> Ticket:
+    def admit(self, principal: Principal | None = None) -> Ticket:
         if self.draining:
             raise Draining("The gateway is shutting down; retry on another replica.")
         if self.total >= self.max_total:
             raise Overloaded(f"The gateway is at its limit of {self.max_total} requests in flight; retry shortly.")
+        key = None
+        if principal is not None and (principal.max_in_flight is not None or self.shared):
+            key = principal.name
+            limit = principal.max_in_flight or max(1, int(self.key_share * self.max_total))
+            if self.by_key[key] >= limit:
+                raise Overloaded(f"This API key is at its limit of {limit} requests in flight; retry shortly.")
+            self.by_key[key] += 1
         self.total += 1
         self.metrics.in_flight.inc()
-        return Ticket(self)
+        return Ticket(self, key=key)
 
 
 @dataclass
@@ -46,6 +57,7 @@ class Ticket:
     admission: Admission
     route: str | None = None
     released: bool = False
+    key: str | None = None
 
     def enter_route(self, route: RouteConfig) -> None:
         a = self.admission
@@ -66,6 +78,8 @@ class Ticket:
         a.metrics.in_flight.dec()
         if self.route is not None:
             a.by_route[self.route] -= 1
+        if self.key is not None:
+            a.by_key[self.key] -= 1
 
 
 @dataclass
@@ -82,7 +96,9 @@ class Services:
 
     def __post_init__(self) -> None:
         self._by_model = self.routes.by_model()
-        self.admission = Admission(self.settings.max_in_flight, self.metrics)
+        self.admission = Admission(
+            self.settings.max_in_flight, self.metrics, key_share=self.settings.key_share, shared=self.auth.keys > 1
+        )
 
     @property
     def in_flight(self) -> int:

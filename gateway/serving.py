@@ -35,6 +35,7 @@ import anyio
 from gateway.accounting import Accounting as Accounting  # re-exported: gateway/ensemble.py imports it here
 from gateway.chunks import ChoiceDelta, ChunkParser
 from gateway.continuation import as_answer, continuation_body, split_suffix, text_prompt, token_logprobs
+from gateway.cost import COST_STOP, CostMeter, sequences
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
@@ -83,6 +84,9 @@ class RequestContext:
     max_n: int = 8
     max_probes: int | None = None  # the gateway-wide cap, if tighter than the route's
     controlled: Controlled | None = None  # the controller's settings; the request's override wins
+    max_cost_multiple: float = 16.0  # engine tokens per request, as a multiple of its max_tokens (gateway/cost.py)
+    max_ensemble_samples: int = 8
+    cost: CostMeter | None = None  # shared by an ensemble's samples; else the request gets its own
 
 
 @dataclass(frozen=True)
@@ -143,14 +147,19 @@ def upstream_body(ctx: RequestContext, *, vllm: bool) -> dict[str, Any]:
     return body
 
 
+def policy_param(exc: PolicyError) -> str:
+    """The request field a bad policy setting came from, e.g. ``stopgate.params.pattern``."""
+    return f"stopgate.params.{exc.param}" if exc.param else "stopgate"
+
+
 def build_request_policy(ctx: RequestContext, spec: StopSpec) -> StopPolicy | None:
     """The request's policy, or None for a plain pass-through. Bad settings are a 400."""
     if spec.policy == "ensemble":
         raise InvalidRequest("policy 'ensemble' is served by the ensemble path", param="stopgate.policy")
     try:
-        policy = build_policy(spec.policy, spec.params, budget=spec.budget)
+        policy = build_policy(spec.policy, spec.params, budget=spec.budget, trusted_patterns=ctx.route.trusted_patterns)
     except PolicyError as exc:
-        raise InvalidRequest(f"Invalid stopping settings: {exc}", param="stopgate") from exc
+        raise InvalidRequest(f"Invalid stopping settings: {exc}", param=policy_param(exc)) from exc
     if ctx.request.n > 1:
         if spec.policy not in (PASSTHROUGH, "static"):
             raise InvalidRequest(
@@ -174,6 +183,14 @@ class Generation:
         self.accounting = Accounting()
         self._body = upstream_body(ctx, vllm=vllm)  # validates before any I/O
         self._top = False  # the policy reads the main stream's top logprobs, which the client did not ask for
+        self._max_tokens = int(self._body["max_tokens"])
+        # Generated tokens of the main stream, all choices, at which the gateway ends it itself.
+        self._length_limit = self._max_tokens * sequences(ctx.request)
+        if ctx.cost is None:
+            self.cost = CostMeter.for_request(self._max_tokens, ctx.max_cost_multiple)
+            self.cost.require(sequences(ctx.request), self._max_tokens, param="n", what="This request")
+        else:
+            self.cost = ctx.cost
         if isinstance(self.policy, Bounded):
             inner = self.policy.inner
             if isinstance(inner, StaticPolicy):
@@ -221,7 +238,16 @@ class Generation:
             self.accounting.stop_reason = decision.reason or "policy"
             self._stop_event.set()
         elif decision.action is Action.PROBE and self.probes is not None and self.accounting.stop_reason is None:
-            self.probes.launch(self.accounting.thinking, self._continued_text())
+            # A probe spends only the slack: what the main stream and the forced answer may still need stays free.
+            route = self.ctx.route
+            need = route.probe_max_tokens + max(0, self._max_tokens - self.accounting.main) + route.forced_max_tokens
+            if self.cost.fits(need) and self.probes.launch(self.accounting.thinking, self._continued_text()):
+                self.cost.charge(route.probe_max_tokens)
+
+    def _charge(self, tokens: int) -> None:
+        if not self.cost.charge(tokens) and self.accounting.stop_reason is None:
+            self.accounting.stop_reason = COST_STOP
+            self._stop_event.set()
 
     def _fail(self, exc: Exception) -> None:
         name = self.policy.name if self.policy else "?"
@@ -318,11 +344,16 @@ class Generation:
                     for delta in self._parser.parse(chunk):
                         if acc.first_token_at is None and (delta.text or delta.reasoning):
                             acc.first_token_at = time.monotonic()
+                        self._charge(delta.tokens)
                         if self.ctx.request.n == 1 or self.policy is not None:
                             self._observe(delta)
                         else:
                             acc.thinking += delta.tokens
                     out = self._client_chunk(chunk)
+                    if acc.main >= self._length_limit and not any(c.get("finish_reason") for c in out["choices"]):
+                        # The engine ignored max_tokens: the gateway ends the sequence itself, as the engine should.
+                        for choice in out["choices"]:
+                            choice["finish_reason"] = "length"
                     self._finished = self._finished or any(c.get("finish_reason") for c in out["choices"])
                     if held is not None:
                         yield held
@@ -332,6 +363,8 @@ class Generation:
                         break  # leaving the block closes the upstream stream: the engine aborts
                     if any(c.get("finish_reason") for c in out["choices"]):
                         held = out
+                        if acc.main >= self._length_limit:
+                            break  # leaving the block closes the stream of an engine that would go on
                     else:
                         yield out
         finally:
@@ -346,13 +379,14 @@ class Generation:
                     choice.pop("stop_reason", None)  # the engine's, if it stopped at a marker itself
                 yield held
             held = None
-            if self._phase == "thinking":
+            if self._phase == "thinking" and self.policy is not None and self.cost.remaining > 0:
                 async for out in self._forced_answer():
                     if any(c.get("finish_reason") for c in out["choices"]):
                         held = out
                     else:
                         yield out
-        final = held if held is not None else self._text_chunk("", finish_reason="stop")
+        finish = "length" if acc.stop_reason == COST_STOP else "stop"
+        final = held if held is not None else self._text_chunk("", finish_reason=finish)
         final["usage"] = self._final_usage(usage)
         final["stopgate"] = self.extension()
         yield final
@@ -424,7 +458,7 @@ class Generation:
             route.upstream_model,
             self._continued_text(),
             suffix,
-            max_tokens=route.forced_max_tokens,
+            max_tokens=min(route.forced_max_tokens, self.cost.remaining),
             greedy=False,
             logprobs=False,
         )
@@ -441,6 +475,7 @@ class Generation:
                     continue
                 for delta in parser.parse(chunk):
                     acc.forced += delta.tokens
+                    self.cost.charge(delta.tokens)
                 out = self._client_chunk(chunk)
                 out["id"] = self._meta.get("id", out.get("id"))
                 out.pop("usage", None)

@@ -23,6 +23,9 @@ BUNDLED_MODEL = REPO_ROOT / "models" / "tinyreason"
 DEFAULT_ROUTES = Path(__file__).resolve().parent / "routes.yaml"
 
 
+MIN_ADMIN_KEY_CHARS = 16
+
+
 class ConfigError(Exception):
     """A start-up configuration problem; the message names the bad key."""
 
@@ -109,6 +112,9 @@ class RouteConfig(BaseModel):
     forced_max_tokens: int = Field(default=16, ge=1, le=1024)
     max_probes: int = Field(default=16, ge=0, le=256)
     max_inflight_probes: int = Field(default=2, ge=1, le=16)
+    # Engine fields that are the gateway's to set (gateway/fields.py: priority, ignore_eos) which clients of
+    # this route may send anyway.
+    client_fields: tuple[str, ...] = ()
     # Live requests of this route at once (None: only the gateway-wide max_in_flight applies).
     max_in_flight: int | None = Field(default=None, ge=1)
 
@@ -149,6 +155,19 @@ class RouteConfig(BaseModel):
         if self.control is not None and self.control.max_budget is not None:
             return self.control.max_budget
         return self.budget
+
+    @property
+    def trusted_patterns(self) -> frozenset[str]:
+        """The routes file's own regexes (``pattern`` parameters): they run on Python's ``re``, a client's on RE2."""
+        found: set[str] = set()
+        params = self.policy.params
+        for scope in (params, params.get("inner_params")):
+            if isinstance(scope, dict) and isinstance(scope.get("pattern"), str):
+                found.add(scope["pattern"])
+        strictness = self.control.strictness if self.control is not None else None
+        if strictness is not None and strictness.param == "pattern":
+            found.update(v for v in strictness.values if isinstance(v, str))
+        return frozenset(found)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -262,7 +281,23 @@ class Settings(BaseSettings):
     upstream_retries: int = Field(default=1, ge=0, le=5)
     max_upstream_connections: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
+    # The HTTP server's own limits (gateway/httpguard.py): a request's line and headers in bytes and
+    # fields (431 past either), time from a connection's first byte to the end of the headers (408), time
+    # to read a request body (408), and open client connections (0: as many as the descriptor limit allows
+    # beside the engine connections; one more gets 503 and is closed).
+    max_header_bytes: int = Field(default=32 * 1024, ge=1024, le=1 << 20)
+    max_headers: int = Field(default=100, ge=8, le=10_000)
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=0, ge=0)
     max_n: int = Field(default=8, ge=1)
+    # The cost bound (gateway/cost.py): engine tokens per request (main stream, every choice and prompt,
+    # probes, forced answer, ensemble samples) at most this multiple of the request's own max_tokens.
+    max_cost_multiple: float = Field(default=16.0, ge=1.0, le=1024.0)
+    # Samples one ensemble request may draw (its max_samples; also bounds wave).
+    max_ensemble_samples: int = Field(default=8, ge=1, le=256)
+    # Prompts in one batched /v1/completions request (gateway/fields.py has the other field bounds).
+    max_batch_prompts: int = Field(default=16, ge=1, le=4096)
     log_level: str = "info"
 
     # Client authentication: "keys" needs api_keys_file (gateway/auth.py); "off" only when set explicitly.
@@ -270,13 +305,19 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     # Backpressure: past this many live requests in flight the gateway answers 429 with Retry-After.
     max_in_flight: int = Field(default=1024, ge=1)
+    # With several client keys, one key's share of max_in_flight (a key's `max_in_flight` in the keys file wins).
+    key_share: float = Field(default=0.5, gt=0.0, le=1.0)
     # The prompt (or all message contents) in characters.
     max_prompt_chars: int = Field(default=200_000, ge=1)
     # On SIGTERM: how long in-flight requests may take to finish before they are cut.
     drain_timeout_s: float = Field(default=30.0, ge=0)
 
-    # Admin API (/admin/...): off unless a key is set; every call needs `Authorization: Bearer <key>`.
+    # Admin API (/admin/...): off unless a key is set (an empty value: off); every call needs
+    # `Authorization: Bearer <key>`. At least 16 characters, like client keys.
     admin_key: SecretStr | None = None
+    # /docs and /redoc (the interactive API pages). /openapi.json lists the admin operations only to a
+    # caller with the admin key.
+    api_docs: bool = False
     # Controller state (SQLite, WAL); ":memory:" keeps it in the process only.
     state_path: str = "state/stopgate.db"
     # Several replicas: a redis:// URL (rediss://, unix://) replaces state_path; the replicas then share
@@ -295,6 +336,18 @@ class Settings(BaseSettings):
     # vLLM request priority for evaluation work (larger runs later); needs the engine's
     # `--scheduling-policy priority`. None: send no priority.
     eval_priority: int | None = None
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _admin_key(cls, v: Any) -> Any:
+        raw = v.get_secret_value() if isinstance(v, SecretStr) else v
+        if raw is None or (isinstance(raw, str) and raw.strip() == ""):
+            return None  # empty: the admin API is off
+        if isinstance(raw, str) and len(raw.strip()) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(
+                f"the admin key must be at least {MIN_ADMIN_KEY_CHARS} characters (or empty: admin API off)"
+            )
+        return v
 
     @field_validator("upstream_url")
     @classmethod

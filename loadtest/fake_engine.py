@@ -48,6 +48,7 @@ class Script:
     reasoning: str | None = None
     # Per piece, the top alternatives {token: logprob} at its position; sent when the request asks for logprobs.
     top_logprobs: list[dict[str, float]] | None = None
+    ignore_max_tokens: bool = False  # an engine that streams past the request's max_tokens
 
 
 @dataclass
@@ -195,7 +196,7 @@ class FakeEngine:
         rid = "cmpl-fake"
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
-        limit = int(request.get("max_tokens") or 1 << 30)
+        limit = 1 << 30 if script.ignore_max_tokens else int(request.get("max_tokens") or 1 << 30)
         pieces = script.pieces[:limit]
         finish = script.finish_reason if len(script.pieces) <= limit else "length"
 

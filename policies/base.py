@@ -94,4 +94,8 @@ class StopPolicy(Protocol):
 
 
 class PolicyError(ValueError):
-    """A bad policy name or parameter; the message names it."""
+    """A bad policy name or parameter; the message names it, and ``param`` the parameter if there is one."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

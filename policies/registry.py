@@ -9,7 +9,7 @@ override it with the ``stopgate`` field (see the README).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 from policies.base import PolicyError, StopPolicy
@@ -21,7 +21,7 @@ from policies.convergence import ConvergencePolicy
 from policies.cue import CuePolicy
 from policies.ensemble import EnsembleParams, Member
 from policies.loop import LoopPolicy
-from policies.marker import MarkerPolicy
+from policies.marker import ALL_TRUSTED, MarkerPolicy
 from policies.none import BudgetOnly, NoPolicy
 from policies.static import StaticPolicy
 
@@ -46,51 +46,78 @@ _TYPES: dict[str, Callable[[Any], bool]] = {
 }
 
 
-def construct(cls: type[Any], params: Mapping[str, Any], *, policy: str) -> Any:
-    """Build dataclass ``cls`` from ``params``, refusing unknown names and wrong types."""
+def construct(
+    cls: type[Any], params: Mapping[str, Any], *, policy: str, private: Mapping[str, Any] | None = None
+) -> Any:
+    """Build dataclass ``cls`` from ``params``, refusing unknown names and wrong types.
+
+    Fields whose names start with ``_`` are never parameters; ``private`` sets them (the gateway's own say).
+    """
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_")}
     unknown = sorted(set(params) - set(fields))
     if unknown:
-        raise PolicyError(f"policy '{policy}' has no parameter {unknown[0]!r}; it takes {sorted(fields)}")
-    kwargs = {}
+        raise PolicyError(
+            f"policy '{policy}' has no parameter {unknown[0]!r}; it takes {sorted(fields)}", param=unknown[0]
+        )
+    kwargs = dict(private or {})
     for key, value in params.items():
         check = _TYPES.get(str(fields[key].type))
         if check is not None and not check(value):
-            raise PolicyError(f"policy '{policy}' parameter {key!r}: expected {fields[key].type}, got {value!r}")
+            raise PolicyError(
+                f"policy '{policy}' parameter {key!r}: expected {fields[key].type}, got {value!r}", param=key
+            )
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise PolicyError(f"policy '{policy}': {exc}") from exc
     except PolicyError as exc:
-        raise PolicyError(f"policy '{policy}' parameter {exc}") from exc
+        param = exc.param or str(exc).partition(":")[0]
+        raise PolicyError(f"policy '{policy}' parameter {exc}", param=param if param in fields else None) from exc
 
 
-def build_policy(name: str, params: Mapping[str, Any], *, budget: int) -> StopPolicy:
+def build_policy(
+    name: str, params: Mapping[str, Any], *, budget: int, trusted_patterns: Container[str] = ()
+) -> StopPolicy:
+    """The policy ``name`` bounded by ``budget``.
+
+    ``trusted_patterns``: the regular expressions that come from the routes file (``marker`` runs them on
+    Python's ``re``); any other pattern is a client's and runs on RE2 (``policies/marker.py``).
+    """
     cls = STREAM_POLICIES.get(name)
     if cls is None:
         if name == "ensemble":
             raise PolicyError("'ensemble' is a sampling plan; build it with ensemble_params()")
         raise PolicyError(f"unknown policy {name!r}; known policies: {', '.join(NAMES)}")
-    inner: StopPolicy = construct(cls, params, policy=name)
+    private: dict[str, Any] = {}
+    if cls is MarkerPolicy and isinstance(params.get("pattern"), str) and params["pattern"] in trusted_patterns:
+        private["_trusted"] = True
+    inner: StopPolicy = construct(cls, params, policy=name, private=private)
     return Bounded(BudgetPolicy(budget), inner)
 
 
-def ensemble_params(params: Mapping[str, Any], *, budget: int = 1) -> tuple[EnsembleParams, dict[str, Any]]:
+def ensemble_params(
+    params: Mapping[str, Any], *, budget: int = 1, trusted_patterns: Container[str] = ()
+) -> tuple[EnsembleParams, dict[str, Any]]:
     """The ensemble plan and its inner policy's parameters (``inner_params``), both checked."""
     inner_params = params.get("inner_params", {})
     if not isinstance(inner_params, Mapping):
-        raise PolicyError("policy 'ensemble' parameter 'inner_params': expected a mapping")
+        raise PolicyError("policy 'ensemble' parameter 'inner_params': expected a mapping", param="inner_params")
     plan: EnsembleParams = construct(
         EnsembleParams, {k: v for k, v in params.items() if k not in ("inner_params", "members")}, policy="ensemble"
     )
-    build_policy(plan.inner, inner_params, budget=budget)
+    try:
+        build_policy(plan.inner, inner_params, budget=budget, trusted_patterns=trusted_patterns)
+    except PolicyError as exc:
+        raise PolicyError(str(exc), param=f"inner_params.{exc.param}" if exc.param else "inner_params") from exc
     if "members" in params:
-        plan = dataclasses.replace(plan, members=members(params["members"], budget=budget))
+        plan = dataclasses.replace(
+            plan, members=members(params["members"], budget=budget, trusted_patterns=trusted_patterns)
+        )
     return plan, dict(inner_params)
 
 
-def members(raw: Any, *, budget: int) -> tuple[Member, ...]:
+def members(raw: Any, *, budget: int, trusted_patterns: Container[str] = ()) -> tuple[Member, ...]:
     """The ensemble's ``members``: a list of ``{policy, params, budget, weight}``, each checked like a route's."""
     if not isinstance(raw, list | tuple) or not raw:
         raise PolicyError("policy 'ensemble' parameter 'members': expected a non-empty list")
@@ -111,7 +138,9 @@ def members(raw: Any, *, budget: int) -> tuple[Member, ...]:
             raise PolicyError(f"{where}: 'weight' must be a number")
         try:
             member = Member(item["policy"], dict(params), size, float(weight))
-            build_policy(member.policy, member.params, budget=member.budget or budget)
+            build_policy(
+                member.policy, member.params, budget=member.budget or budget, trusted_patterns=trusted_patterns
+            )
         except PolicyError as exc:
             raise PolicyError(f"{where}: {exc}") from exc
         out.append(member)
@@ -119,8 +148,8 @@ def members(raw: Any, *, budget: int) -> tuple[Member, ...]:
 
 
 def validate(name: str, params: Mapping[str, Any], *, budget: int = 1) -> None:
-    """Raise PolicyError if ``name`` with ``params`` would not build."""
+    """Raise PolicyError if ``name`` with ``params`` (from the routes file: trusted) would not build."""
     if name == "ensemble":
-        ensemble_params(params, budget=budget)
+        ensemble_params(params, budget=budget, trusted_patterns=ALL_TRUSTED)
     else:
-        build_policy(name, params, budget=budget)
+        build_policy(name, params, budget=budget, trusted_patterns=ALL_TRUSTED)

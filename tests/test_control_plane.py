@@ -15,7 +15,7 @@ import yaml
 from loadtest.fake_engine import FakeEngine, Script
 from tests.test_errors_and_cancellation import assert_openai_error, wait_until
 
-KEY = "test-admin-key"
+KEY = "test-admin-key-0123456789"
 ADMIN = {"authorization": f"Bearer {KEY}"}
 ITEMS = [
     {"id": "a1", "prompt": "Q: 1+2=?\n", "answers": ["3"], "route": "arith"},
@@ -294,7 +294,7 @@ def test_a_reference_upload_replaces_the_set_as_a_whole(plane_gateway: Any) -> N
         r = httpx.put(f"{url}/admin/routes/arith/references/extra", content=text, headers=ADMIN, timeout=10)
         assert r.status_code == 200, r.text
         assert r.json()["references"] == {"sets": ["refs", "extra"], "items": 4}
-        assert complete(url, reference_id="b1").status_code == 200
+        assert complete(url, prompt="Q: 7+7=?\n", reference_id="b1").status_code == 200
         assert complete(url, prompt="Q: 7+7=?").status_code == 200  # matched by prompt too
         assert state(url)["samples"]["gold"] == 2
 
@@ -393,4 +393,4 @@ def test_an_accepted_upload_survives_a_restart(plane_gateway: Any, tmp_path: Pat
         assert r.status_code == 200
     with start(state_path=db) as (url, _):
         assert state(url)["references"] == {"sets": ["refs", "extra"], "items": 4}
-        assert complete(url, reference_id="b1").status_code == 200
+        assert complete(url, prompt="Q: 7+7=?\n", reference_id="b1").status_code == 200

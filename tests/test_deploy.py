@@ -508,7 +508,7 @@ def eval_gateway(vllm_engine: EmbeddedEngine, tmp_path_factory: pytest.TempPathF
         upstream_url=vllm_engine.url,
         eval_share=100.0,
         eval_priority=10,
-        admin_key=SecretStr("k"),
+        admin_key=SecretStr("deploy-admin-key-0123456789"),
         state_path=":memory:",
         routes_file=routes,
     )

@@ -143,7 +143,7 @@ def test_em_and_controller_metrics_follow_the_samples(plane_gateway: Any) -> Non
         assert value(registry, "stopgate_em_target", route="arith") == 0.8
         for _ in range(30):
             complete(url, reference_id="a1")  # right
-        complete(url, reference_id="a2")  # wrong
+        complete(url, prompt="Q: 2+2=?\n", reference_id="a2")  # wrong
         s = state(url)
     assert value(registry, "stopgate_em_samples_total", route="arith", source="gold", outcome="correct") == 30
     assert value(registry, "stopgate_em_samples_total", route="arith", source="gold", outcome="incorrect") == 1

@@ -65,7 +65,7 @@ from gateway.evaluation import (
     load_reference_file,
     parse_reference_lines,
 )
-from gateway.evaluation.matching import ReferenceIndex, messages_key, prompt_key
+from gateway.evaluation.matching import ReferenceIndex, item_key, request_key, steering_override
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.serving import Controlled, Generation, RequestContext
@@ -76,6 +76,8 @@ log = logging.getLogger("stopgate.control")
 
 # Sources of EM samples.
 GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
+# A stored reference set's body that records its deletion (a tombstone: the Store keeps its one write call).
+DELETED = ""
 # Stop reasons that mean the request did not run its reasoning to the end.
 NOT_EARLY = frozenset({"finished"})
 
@@ -129,6 +131,9 @@ def route_references(route: RouteConfig, stored: list[tuple[str, str]]) -> Refer
     try:
         refs = load_route_references(route)
         for name, body in stored:
+            if body == DELETED:  # deleted through the admin API (a routes-file set of that name too)
+                refs = refs.without(name)
+                continue
             refs = refs.replace(check_route(route, parse_reference_lines(name, body, source=f"stored {name!r}")))
     except (ReferenceSetError, ValueError) as exc:
         raise ConfigError(f"routes.{route.name}.evaluation.references: {exc}") from exc
@@ -170,6 +175,7 @@ class ControlPlane:
         # Set when replicas share a Redis store: samples then go to the shared log, and the route's
         # leader (whichever replica holds its lease) steps the controller.
         self.fleet: Shared | None = None
+        self.upload_lock = asyncio.Lock()  # uploads run in a worker thread, one at a time (gateway/admin.py)
         for route in routes.routes:
             config = controller_config(route) if route.control is not None and route.control.enabled else None
             state = None
@@ -193,30 +199,32 @@ class ControlPlane:
         return self.routes[route.name].controlled()
 
     def match(self, route: RouteConfig, request: CompletionRequest | ChatCompletionRequest) -> ReferenceItem | None:
-        """The reference item a live request replays, if any. An unknown explicit id is a 400."""
+        """The reference item a live request replays, if any.
+
+        An explicit ``reference_id`` must name an item whose prompt is the request's own: an unknown id and
+        one that names another prompt get the same 400, so the answer says nothing about which ids exist.
+        """
         refs = self.routes[route.name].references
         explicit = request.reference
+        key = request_key(request) if explicit is not None or len(refs) else None
         if explicit is not None:
             item = refs.by_id(explicit)
-            if item is None:
+            if item is None or key is None or item_key(item) != key:
                 raise InvalidRequest(
-                    f"reference_id {explicit!r} is not in the reference sets of route '{route.name}'.",
+                    f"reference_id {explicit!r} does not name a reference item of route '{route.name}' whose "
+                    "prompt is this request's.",
                     param="reference_id",
                 )
             return item
-        if len(refs) == 0:
-            return None
-        if isinstance(request, CompletionRequest):
-            return refs.by_key(prompt_key(request.prompt)) if isinstance(request.prompt, str) else None
-        pairs = [(m.role, m.content) for m in request.messages if isinstance(m.content, str)]
-        return refs.by_key(messages_key(pairs)) if len(pairs) == len(request.messages) else None
+        return refs.by_key(key) if key is not None else None
 
     def finished(self, gen: Generation, item: ReferenceItem | None, text: str, upstream: EngineClient) -> None:
         """A live request has ended well: count its tokens, score it, maybe start a shadow rerun."""
         rc = self.routes[gen.ctx.route.name]
         self.count_live(rc.route.name, gen.accounting.net)
-        at_controlled = gen.ctx.controlled is not None and not (
-            gen.ctx.request.stopgate is not None and gen.ctx.request.stopgate.overrides
+        # Only a request at the route's own settings speaks for them (issue 14: no steering by proxy).
+        at_controlled = (
+            gen.ctx.controlled is not None and steering_override(gen.ctx.request, rc.route.default_max_tokens) is None
         )
         if item is not None:
             correct = self._score(rc.route, text, item.answers)
@@ -360,6 +368,9 @@ class ControlPlane:
                 await self.canary_once(name, upstream)
             except GatewayError as exc:
                 log.warning("canary on route %s failed: %s", name, exc.message)
+            except Exception:  # a bug or bad data must not end the loop for good (issue 14)
+                self.metrics.background_errors.labels("canary").inc()
+                log.exception("canary on route %s failed", name)
 
     def _spawn(self, work: Awaitable[None]) -> None:
         async def guarded() -> None:
@@ -368,6 +379,7 @@ class ControlPlane:
             except GatewayError as exc:
                 log.warning("evaluation run failed: %s", exc.message)
             except Exception:
+                self.metrics.background_errors.labels("evaluation").inc()
                 log.exception("evaluation run failed")
 
         task = asyncio.ensure_future(guarded())
@@ -465,7 +477,10 @@ class ControlPlane:
         rc, _, state = self._controlled_route(route_name)
         if not 0.0 < target <= 1.0:
             raise InvalidRequest(f"target {target} must be in (0, 1].", param="target")
-        config = controller_config(rc.route, target)
+        try:
+            config = controller_config(rc.route, target)
+        except ConfigError as exc:  # the route's other controller settings do not fit this target
+            raise InvalidRequest(f"target {target} does not fit the route's controller: {exc}", param="target") from exc
         rc.config = config
         self._commit(rc, retarget(state, config))
         return self.snapshot(route_name)
@@ -481,6 +496,15 @@ class ControlPlane:
         with unavailable_if_shared(self.fleet):
             self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
         rc.references = references
+        return self.snapshot(route_name)
+
+    def delete_references(self, route_name: str, name: str) -> dict[str, Any]:
+        """Remove the reference set ``name`` (uploaded or from the routes file); durable across restarts."""
+        rc = self.get(route_name)
+        if name not in set(rc.references.names()):
+            raise NotFound(f"Route '{route_name}' has no reference set named '{name}'.", param="name")
+        self.store.save_reference_set(route_name, name, DELETED)
+        rc.references = rc.references.without(name)
         return self.snapshot(route_name)
 
     def _commit(self, rc: RouteControl, state: ControllerState) -> None:

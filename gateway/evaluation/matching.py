@@ -19,8 +19,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.evaluation.references import ReferenceItem, ReferenceSet
+from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
-__all__ = ["ReferenceIndex", "messages_key", "normalize_prompt", "prompt_key"]
+__all__ = ["ReferenceIndex", "messages_key", "normalize_prompt", "prompt_key", "request_key", "steering_override"]
 
 _SPACE = re.compile(r"\s+")
 
@@ -38,6 +39,46 @@ def messages_key(messages: Sequence[tuple[str, str]]) -> str:
     if len(messages) == 1 and messages[0][0] == "user":
         return prompt_key(messages[0][1])
     return prompt_key("\n".join(f"{role}: {normalize_prompt(content)}" for role, content in messages))
+
+
+def request_key(request: CompletionRequest | ChatCompletionRequest) -> str | None:
+    """The key of a live request's prompt (None for a batch, token ids or non-text chat content)."""
+    if isinstance(request, CompletionRequest):
+        return prompt_key(request.prompt) if isinstance(request.prompt, str) else None
+    pairs = [(m.role, m.content) for m in request.messages if isinstance(m.content, str)]
+    return messages_key(pairs) if len(pairs) == len(request.messages) else None
+
+
+# Fields a gold request may send without changing what the route would generate: who asked, and
+# how the answer comes back. Sampling at the canaries' own setting (greedy) is the route's too.
+_NEUTRAL = frozenset(
+    {"prompt", "messages", "user", "logprobs", "top_logprobs", "echo", "max_completion_tokens", "max_tokens"}
+)
+_ROUTE_SAMPLING = {"temperature": 0}
+
+
+def steering_override(request: CompletionRequest | ChatCompletionRequest, default_max_tokens: int) -> str | None:
+    """The field that makes a request's EM say nothing about the route's settings, or None (issue 14).
+
+    The ``stopgate`` override, any field that changes what is generated (sampling, stop strings,
+    penalties, ``n``, ...), and ``max_tokens`` below what the route gives a request by default.
+    """
+    if request.stopgate is not None and request.stopgate.overrides:
+        return "stopgate"
+    if request.n != 1:
+        return "n"
+    asked = request.max_tokens
+    if isinstance(request, ChatCompletionRequest):
+        asked = request.effective_max_tokens
+    if asked is not None and asked < default_max_tokens:
+        return "max_tokens"
+    for name, value in request.passthrough().items():
+        if name in _NEUTRAL:
+            continue
+        if name in _ROUTE_SAMPLING and value == _ROUTE_SAMPLING[name]:
+            continue
+        return name
+    return None
 
 
 def item_key(item: ReferenceItem) -> str:
@@ -74,6 +115,10 @@ class ReferenceIndex:
     def replace(self, ref_set: ReferenceSet) -> ReferenceIndex:
         """A new index with ``ref_set`` added, or replacing the set of the same name."""
         return ReferenceIndex((*(s for s in self.sets if s.name != ref_set.name), ref_set))
+
+    def without(self, name: str) -> ReferenceIndex:
+        """A new index without the set called ``name``."""
+        return ReferenceIndex(tuple(s for s in self.sets if s.name != name))
 
     def by_id(self, item_id: str) -> ReferenceItem | None:
         return self._by_id.get(item_id)

@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -52,6 +52,8 @@ MAX_REPORTED_ISSUES = 20
 NonEmptyStr = Annotated[StrictStr, StringConstraints(min_length=1)]
 # Not just non-empty: an id or answer of only spaces is a mistake too.
 NonBlankStr = Annotated[StrictStr, StringConstraints(min_length=1, pattern=r"\S")]
+# An id travels in request ids and headers (a canary's X-Request-Id): a safe character set only (issue 14).
+ItemId = Annotated[StrictStr, StringConstraints(pattern=r"^[A-Za-z0-9._:-]{1,128}$")]
 
 
 class Message(BaseModel):
@@ -68,7 +70,7 @@ class ReferenceItem(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    id: NonBlankStr
+    id: ItemId
     prompt: NonEmptyStr | None = None
     messages: Annotated[tuple[Message, ...], Field(min_length=1)] | None = None
     answers: Annotated[tuple[NonBlankStr, ...], Field(min_length=1)]
@@ -215,6 +217,10 @@ def _issues_from(line: int, exc: ValidationError) -> list[ReferenceIssue]:
     return issues
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_reference_lines(name: str, text: str, source: str | None = None) -> ReferenceSet:
     """Validate JSONL ``text`` as the reference set ``name``.
 
@@ -232,12 +238,20 @@ def parse_reference_lines(name: str, text: str, source: str | None = None) -> Re
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw, parse_constant=_no_constant)
         except json.JSONDecodeError as exc:
             issues.append(ReferenceIssue(number, None, f"invalid JSON: {exc.msg} (column {exc.colno})"))
             continue
+        except (RecursionError, ValueError) as exc:
+            issues.append(ReferenceIssue(number, None, f"invalid JSON: {exc}"[:200]))
+            continue
         if not isinstance(obj, dict):
             issues.append(ReferenceIssue(number, None, f"expected a JSON object, got {type(obj).__name__}"))
+            continue
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            issues.append(ReferenceIssue(number, None, "a lone surrogate (unpaired \\ud800-\\udfff escape)"))
             continue
         try:
             item = ReferenceItem.model_validate(obj)
