@@ -34,11 +34,12 @@ import anyio
 
 from gateway.accounting import Accounting as Accounting  # re-exported: gateway/ensemble.py imports it here
 from gateway.chunks import ChoiceDelta, ChunkParser
-from gateway.continuation import as_answer, continuation_body, split_suffix, text_prompt, token_logprobs
+from gateway.continuation import as_answer, split_suffix, text_prompt, token_logprobs
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from gateway.rendered import Continuer
 from gateway.settings import RouteConfig
 from gateway.upstream import EngineClient
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
@@ -192,6 +193,9 @@ class Generation:
         self._policy_error: PolicyFailed | None = None
         self._finished = False  # the engine ended the stream itself
         self.probes: Probes | None = None
+        self.continuer = Continuer(
+            upstream, endpoint=ctx.endpoint, request=ctx.request, route=ctx.route, request_id=ctx.request_id
+        )
         if self.policy is not None:
             route = ctx.route
             self.probes = Probes(
@@ -205,6 +209,7 @@ class Generation:
                 logprobs=self.policy.wants_logprobs,
                 on_result=self._on_probe,
                 max_probes=ctx.max_probes,
+                continuer=self.continuer,
             )
 
     # -- the policy side --------------------------------------------------
@@ -411,20 +416,13 @@ class Generation:
                 yield self._text_chunk(before, field=field)
             if after:
                 yield self._text_chunk(after)
-        body = continuation_body(
-            self.ctx.request,
-            route.upstream_model,
-            self._continued_text(),
-            suffix,
-            max_tokens=route.forced_max_tokens,
-            greedy=False,
-            logprobs=False,
+        path, body = await self.continuer.request_for(
+            self._continued_text(), suffix, max_tokens=route.forced_max_tokens, greedy=False, logprobs=False
         )
-        parser = ChunkParser(self.ctx.endpoint)
+        shape = self.continuer.shape
+        parser = ChunkParser(shape)
         acc = self.accounting
-        async with self.upstream.stream(
-            PATHS[self.ctx.endpoint], body, request_id=f"{self.ctx.request_id}-forced"
-        ) as stream:
+        async with self.upstream.stream(path, body, request_id=f"{self.ctx.request_id}-forced") as stream:
             async for chunk in stream:
                 usage = chunk.get("usage")
                 if isinstance(usage, dict) and usage.get("prompt_tokens"):
@@ -433,6 +431,10 @@ class Generation:
                     continue
                 for delta in parser.parse(chunk):
                     acc.forced += delta.tokens
+                if shape != self.ctx.endpoint:  # completions text continuing a chat (continuation: rendered)
+                    for choice in chunk["choices"]:
+                        yield self._text_chunk(str(choice.get("text") or ""), finish_reason=choice.get("finish_reason"))
+                    continue
                 out = self._client_chunk(chunk)
                 out["id"] = self._meta.get("id", out.get("id"))
                 out.pop("usage", None)
