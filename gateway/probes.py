@@ -120,20 +120,20 @@ class Probes:
             self._inflight.remove(task)
 
     async def _run(self, number: int, at_tokens: int, generated: str) -> None:
-        parser = ChunkParser(self.continuer.shape)
         pieces: list[str] = []
         lps: list[float] = []
         started = time.monotonic()
         counted_prompt = False
         try:
-            path, body = await self.continuer.request_for(
+            async with self.continuer.stream(
                 generated,
                 self.route.probe_suffix,
                 max_tokens=self.route.probe_max_tokens,
                 greedy=True,
                 logprobs=self.logprobs,
-            )
-            async with self.upstream.stream(path, body, request_id=f"{self.request_id}-probe{number}") as stream:
+                request_id=f"{self.request_id}-probe{number}",
+            ) as stream:
+                parser = ChunkParser(self.continuer.shape)
                 async for chunk in stream:
                     usage = chunk.get("usage")
                     if isinstance(usage, dict) and not counted_prompt and usage.get("prompt_tokens"):

@@ -18,21 +18,33 @@ A route's ``continuation`` setting picks how chat requests are continued:
   are text chunks; the forced answer turns them into chat chunks for the
   client with the gateway's own chunk builder.
 
+* ``auto``: ``message`` until the engine refuses it with that 400, then
+  ``rendered`` for the rest of the request (the refused request is retried
+  at once). It costs one refused request per request on such a template; name
+  the construction where the template is known.
+
 Completions requests are continued on their text prompt either way.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 from gateway.continuation import continuation_body, sampling_body, template_fields
-from gateway.errors import UpstreamError
+from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
 from gateway.upstream import EngineClient
 
 PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+def refused_by_template(exc: UpstreamRejected) -> bool:
+    """vLLM's 400 for a partial assistant message that the chat template does not render verbatim."""
+    return exc.status_code == 400 and "final message" in exc.message
 
 
 class Continuer:
@@ -52,7 +64,9 @@ class Continuer:
         self.request = request
         self.route = route
         self.request_id = request_id
-        self.rendered = route.continuation == "rendered" and isinstance(request, ChatCompletionRequest)
+        chat = isinstance(request, ChatCompletionRequest)
+        self.rendered = route.continuation == "rendered" and chat
+        self.auto = route.continuation == "auto" and chat  # may still switch to rendered
         self.renders = 0  # engine round trips made to render the prompt (one per request)
         self._prompt: str | None = None
         self._lock = asyncio.Lock()
@@ -61,6 +75,27 @@ class Continuer:
     def shape(self) -> Endpoint:
         """The format of the chunks a side generation streams back."""
         return "completions" if self.rendered else self.endpoint
+
+    @asynccontextmanager
+    async def stream(
+        self, generated: str, suffix: str, *, max_tokens: int, greedy: bool, logprobs: bool, request_id: str
+    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        """The side generation's upstream stream; read ``shape`` once it is open (``auto`` may switch)."""
+        async with AsyncExitStack() as stack:
+            path, body = await self.request_for(
+                generated, suffix, max_tokens=max_tokens, greedy=greedy, logprobs=logprobs
+            )
+            try:
+                chunks = await stack.enter_async_context(self.upstream.stream(path, body, request_id=request_id))
+            except UpstreamRejected as exc:
+                if not (self.auto and not self.rendered and refused_by_template(exc)):
+                    raise
+                self.rendered = True
+                path, body = await self.request_for(
+                    generated, suffix, max_tokens=max_tokens, greedy=greedy, logprobs=logprobs
+                )
+                chunks = await stack.enter_async_context(self.upstream.stream(path, body, request_id=request_id))
+            yield chunks
 
     async def request_for(
         self, generated: str, suffix: str, *, max_tokens: int, greedy: bool, logprobs: bool

@@ -416,13 +416,17 @@ class Generation:
                 yield self._text_chunk(before, field=field)
             if after:
                 yield self._text_chunk(after)
-        path, body = await self.continuer.request_for(
-            self._continued_text(), suffix, max_tokens=route.forced_max_tokens, greedy=False, logprobs=False
-        )
-        shape = self.continuer.shape
-        parser = ChunkParser(shape)
         acc = self.accounting
-        async with self.upstream.stream(path, body, request_id=f"{self.ctx.request_id}-forced") as stream:
+        async with self.continuer.stream(
+            self._continued_text(),
+            suffix,
+            max_tokens=route.forced_max_tokens,
+            greedy=False,
+            logprobs=False,
+            request_id=f"{self.ctx.request_id}-forced",
+        ) as stream:
+            shape = self.continuer.shape
+            parser = ChunkParser(shape)
             async for chunk in stream:
                 usage = chunk.get("usage")
                 if isinstance(usage, dict) and usage.get("prompt_tokens"):

@@ -66,6 +66,8 @@ class FakeEngine:
         self.queue: deque[Script] = deque()
         self.stats = Stats()
         self.record = True
+        # Refuse to continue an assistant message the template would strip (as vLLM does with DeepSeek-R1's).
+        self.strips_reasoning = False
         # Picks a script from the request body and headers; takes precedence over the queue.
         self.responder: Callable[[dict[str, Any], dict[str, str]], Script | None] | None = None
 
@@ -113,6 +115,13 @@ class FakeEngine:
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         if path in ("/tokenize", "/detokenize"):
             await _json(send, 200, _tokenize(request) if path == "/tokenize" else _detokenize(request))
+            return
+        if self.strips_reasoning and _continues_stripped(request):
+            message = (
+                "continue_final_message is set but the final message does not appear in the chat after "
+                "applying the chat template!"
+            )
+            await _json(send, 400, {"error": {"message": message, "type": "BadRequestError", "code": 400}})
             return
         script = self.responder(request, headers) if self.responder is not None else None
         if script is None:
@@ -305,6 +314,12 @@ def render_chat(messages: list[dict[str, Any]], add_generation_prompt: bool, *, 
         parts.append(f"<|{m.get('role')}|>{content}\n")
     opening = "<|assistant|>" + ("<think>\n" if thinking else "")
     return "".join(parts) + (opening if add_generation_prompt else "")
+
+
+def _continues_stripped(request: dict[str, Any]) -> bool:
+    messages = request.get("messages") or []
+    final = str(messages[-1].get("content") or "") if messages else ""
+    return bool(request.get("continue_final_message")) and "</think>" in final
 
 
 def _tokenize(request: dict[str, Any]) -> dict[str, Any]:

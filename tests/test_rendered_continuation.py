@@ -11,6 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.balancer import UpstreamPool
@@ -173,3 +174,44 @@ def test_pool_post_json_retries_an_unreachable_replica_and_passes_engine_4xx_on(
         tokens = asyncio.run(run(url))
     assert tokens["tokens"] == [ord("a"), ord("b")]
     assert live.stats.headers[0]["x-request-id"] == "r"
+
+
+def test_message_continuation_on_a_stripping_template_is_the_engines_400(session_gateway: Any) -> None:
+    engine, start = session_gateway
+    engine.strips_reasoning = True
+    with start(Script(pieces=PARSED, reasoning="reasoning")) as (url, _):
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tinyreason", "messages": MESSAGES, "stopgate": {"budget": 10}},
+            timeout=30,
+        )
+    assert r.status_code == 400 and "final message does not appear" in r.json()["error"]["message"]
+
+
+def test_auto_falls_back_to_rendered_when_the_engine_refuses_the_message(session_gateway: Any) -> None:
+    engine, start = session_gateway
+    engine.strips_reasoning = True
+    probe = Script(pieces=[" 3"])
+    main = Script(pieces=PARSED, reasoning="reasoning", delay_s=0.01)
+    with start(main, probe=probe, continuation="auto") as (url, _):
+        body = chat(url, stopgate={"policy": "convergence", "params": {"probe_every": 16, "window": 2}})
+    ext = body["stopgate"]
+    assert ext["stop_reason"] == "converged" and ext["probes"]["completed"] >= 2
+    assert body["choices"][0]["message"]["content"] == "\n#### 3"
+    sent = engine_requests(engine)
+    # The main stream, then a refused message continuation (two if two probes raced); each refused one is
+    # retried rendered, and everything after goes rendered, on one render.
+    refused = sent["chat"][1:]
+    assert 1 <= len(refused) <= 2 and all(r["continue_final_message"] is True for r in refused)
+    assert len(sent["tokenize"]) == 1
+    assert len(sent["completions"]) == ext["probes"]["launched"] + 1
+    assert all(r["prompt"].startswith(RENDERED + "<think>") for r in sent["completions"])
+
+
+def test_auto_keeps_the_message_construction_where_the_template_renders_it(session_gateway: Any) -> None:
+    engine, start = session_gateway
+    with start(Script(pieces=PARSED, reasoning="reasoning"), continuation="auto") as (url, _):
+        body = chat(url, stopgate={"budget": 10})
+    assert body["choices"][0]["message"]["content"] == "\n#### 3"
+    sent = engine_requests(engine)
+    assert not sent["tokenize"] and not sent["completions"] and len(sent["chat"]) == 2
