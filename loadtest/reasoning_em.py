@@ -79,6 +79,7 @@ async def measure(
     limit: int | None = None,
     concurrency: int = 8,
     chat_template: str | None = None,
+    shapes: tuple[str, ...] = SHAPES,
 ) -> dict[str, Any]:
     """EM, stops and mean thinking per (shape, budget); the items are the first ``limit`` of the file.
 
@@ -94,7 +95,7 @@ async def measure(
 
         out: dict[str, Any] = {"items": len(items), "results": []}
         for budget in budgets:
-            for shape in SHAPES:
+            for shape in shapes:
                 outcomes = await asyncio.gather(
                     *(run(shape, it.prompt or "", tuple(it.answers), budget) for it in items)
                 )

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -37,12 +39,41 @@ STRIPPING = (
 )
 
 
+def gateway_with(engine_url: str, tmp: Path, continuation: str) -> AbstractContextManager[str]:
+    settings = Settings(upstream_url=engine_url, routes_file=routes_file(tmp, continuation=continuation))
+    return serve_in_thread(create_app(settings, registry=CollectorRegistry()))
+
+
 @pytest.fixture(scope="module")
 def rendered_url(parser_gateway: ServedGateway, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    route = routes_file(tmp_path_factory.mktemp("rendered"), continuation="rendered")
-    settings = Settings(upstream_url=parser_gateway.engine_url, routes_file=route)
-    with serve_in_thread(create_app(settings, registry=CollectorRegistry())) as url:
+    with gateway_with(parser_gateway.engine_url, tmp_path_factory.mktemp("rendered"), "rendered") as url:
         yield url
+
+
+def test_the_rendered_prompt_round_trips_exactly(parser_gateway: ServedGateway) -> None:
+    """/detokenize of the template's tokens, tokenized again as a completions prompt, is the same tokens."""
+    engine = parser_gateway.engine_url
+    chat = {"model": "tinyreason", "messages": MESSAGES, "add_generation_prompt": True, "chat_template": STRIPPING}
+    ids = httpx.post(f"{engine}/tokenize", json=chat, timeout=60).json()["tokens"]
+    text = httpx.post(f"{engine}/detokenize", json={"model": "tinyreason", "tokens": ids}, timeout=60).json()
+    again = {"model": "tinyreason", "prompt": text["prompt"], "add_special_tokens": False}
+    assert httpx.post(f"{engine}/tokenize", json=again, timeout=60).json()["tokens"] == ids
+    assert text["prompt"] == MESSAGES[0]["content"] + "\n"  # the bundled template: the question and a newline
+
+
+def test_auto_answers_like_rendered_on_a_stripping_template_and_like_message_on_the_plain_one(
+    parser_gateway: ServedGateway, rendered_url: str, tmp_path: Path
+) -> None:
+    budget = {"policy": "budget", "budget": 40}
+    rendered = post_chat(rendered_url, budget, chat_template=STRIPPING).json()
+    message = post_chat(parser_gateway.url, budget).json()
+    with gateway_with(parser_gateway.engine_url, tmp_path, "auto") as url:
+        auto_stripping = post_chat(url, budget, chat_template=STRIPPING)
+        auto_plain = post_chat(url, budget)
+    assert auto_stripping.status_code == auto_plain.status_code == 200, (auto_stripping.text, auto_plain.text)
+    assert auto_stripping.json()["choices"][0]["message"] == rendered["choices"][0]["message"]
+    assert auto_plain.json()["choices"][0]["message"] == message["choices"][0]["message"]
+    assert_tokens_add_up(auto_stripping.json())
 
 
 def post_chat(url: str, stopgate: dict[str, Any], **extra: Any) -> httpx.Response:
@@ -111,12 +142,19 @@ def test_rendered_probes_converge_with_a_stripping_template(rendered_url: str) -
     pytest.fail(f"no try converged early: {ext}")
 
 
-def test_rendered_forced_answer_em_matches_the_bare_path_on_dev_items(rendered_url: str) -> None:
+def test_rendered_forced_answer_em_matches_the_bare_path_on_dev_items(
+    parser_gateway: ServedGateway, rendered_url: str
+) -> None:
     """Forced-answer EM at budgets 64 and 96 on 40 dev items: within two items of the bare path (see the
-    parser EM test for why two), with the stripping template and ``continuation: rendered``."""
+    parser EM test for why two), with the stripping template and ``continuation: rendered``; the message
+    construction on the plain template is measured beside it (printed, for the record)."""
     result = asyncio.run(measure(rendered_url, REFERENCES, [64, 96], limit=40, concurrency=4, chat_template=STRIPPING))
     rows = {(r["shape"], r["budget"]): r for r in result["results"]}
-    print("rendered EM:", {f"{s}@{b}": (r["em"], r["stopped"]) for (s, b), r in rows.items()})
+    plain = asyncio.run(measure(parser_gateway.url, REFERENCES, [64, 96], limit=40, concurrency=4, shapes=("parser",)))
+    rows.update({("message", r["budget"]): r for r in plain["results"]})
+    print("\nEM, 40 dev items: bare completions | parser: chat, stripping template, rendered | message: plain")
+    for (shape, budget), r in sorted(rows.items()):
+        print(f"  {shape}@{budget}: EM={r['em']:.3f} stopped={r['stopped']} mean_thinking={r['mean_thinking']:.1f}")
     for budget in (64, 96):
         bare, parser = rows[("bare", budget)], rows[("parser", budget)]
         assert abs(bare["em"] - parser["em"]) <= 2 / 40 + 1e-9, (budget, bare["em"], parser["em"])
