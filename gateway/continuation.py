@@ -8,6 +8,9 @@ They respect the prompt format of the request they continue:
   message holding the generated text and the suffix, continued in place
   (vLLM's ``continue_final_message`` with ``add_generation_prompt`` off).
 
+(For chat templates that strip the reasoning from assistant turns, the route's
+``continuation: rendered`` continues on the rendered prompt instead: gateway/rendered.py.)
+
 Nothing here knows a model's template: delimiters and suffixes are route
 settings.
 

@@ -67,7 +67,6 @@ class Continuer:
         chat = isinstance(request, ChatCompletionRequest)
         self.rendered = route.continuation == "rendered" and chat
         self.auto = route.continuation == "auto" and chat  # may still switch to rendered
-        self.renders = 0  # engine round trips made to render the prompt (one per request)
         self._prompt: str | None = None
         self._lock = asyncio.Lock()
 
@@ -132,7 +131,6 @@ class Continuer:
 
     async def _render(self) -> str:
         assert isinstance(self.request, ChatCompletionRequest)
-        self.renders += 1
         rid = f"{self.request_id}-render"
         body: dict[str, Any] = {
             "model": self.route.upstream_model,
