@@ -289,10 +289,12 @@ class Generation:
     def _continued_text(self) -> str:
         """What the model has written so far, as a continuation must repeat it.
 
-        With a reasoning parser the engine swallowed ``think_open``; the continuation puts it back.
+        With a reasoning parser the engine swallowed ``think_open``; the continuation puts it back. (vLLM 0.32's
+        streaming parser leaves it in when it shares the first delta with more text: then it is not doubled.)
         """
         if self._parser.reasoning_field is not None:
-            return self.ctx.route.think_open + "".join(self._reasoning)
+            reasoning, think_open = "".join(self._reasoning), self.ctx.route.think_open
+            return reasoning if reasoning.startswith(think_open) else think_open + reasoning
         return "".join(self._generated)
 
     # -- the stream side --------------------------------------------------

@@ -215,3 +215,19 @@ def test_auto_keeps_the_message_construction_where_the_template_renders_it(sessi
     assert body["choices"][0]["message"]["content"] == "\n#### 3"
     sent = engine_requests(engine)
     assert not sent["tokenize"] and not sent["completions"] and len(sent["chat"]) == 2
+
+
+@pytest.mark.parametrize("continuation", ["message", "rendered"])
+def test_think_open_left_in_the_first_reasoning_delta_is_not_doubled(session_gateway: Any, continuation: str) -> None:
+    """vLLM 0.32's deepseek_r1 streaming parser keeps ``<think>`` when it shares the first delta with more text."""
+    engine, start = session_gateway
+    coalesced = ["<think>\n", *REASONING[1:], "</think>", "\n#### 3"]
+    with start(Script(pieces=coalesced, reasoning="reasoning"), continuation=continuation) as (url, _):
+        body = chat(url, stopgate={"budget": 10})
+    assert body["choices"][0]["message"]["reasoning"].startswith("<think>\n")  # as the engine sent it
+    assert body["choices"][0]["message"]["content"] == "\n#### 3"
+    sent = engine_requests(engine)
+    side = sent["completions"] if continuation == "rendered" else sent["chat"][1:]
+    (forced,) = side
+    text = forced["prompt"] if continuation == "rendered" else forced["messages"][-1]["content"]
+    assert text.count("<think>") == 1 and text.endswith("<think>\n" + "".join(REASONING[1:10]) + "</think>\n####")
