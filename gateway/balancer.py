@@ -186,6 +186,30 @@ class UpstreamPool:
                 raise UpstreamTimeout(f"The upstream stream ran past the total timeout of {self.total_timeout_s:g} s.")
             yield chunk
 
+    async def post_json(self, path: str, body: dict[str, Any], *, request_id: str) -> Any:
+        """A small JSON request on the least-loaded healthy replica, retried as ``stream`` retries."""
+        tried: set[int] = set()
+        attempts = 0
+        while True:
+            replica = await self._pick(tried)
+            attempts += 1
+            replica.in_flight += 1
+            try:
+                result = await replica.upstream.post_json(path, body, request_id=request_id)
+            except UpstreamUnavailable as exc:
+                self._failed(replica, exc)
+                if attempts > self.retries or len(tried) == len(self.replicas):
+                    raise
+                log.info("request %s: %s unreachable, retrying on another replica", request_id, replica.name)
+                continue
+            except UpstreamError as exc:
+                self._failed(replica, exc)
+                raise
+            finally:
+                replica.in_flight -= 1
+            replica.breaker.success()
+            return result
+
     async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any:
         """From the first replica that answers (readiness: is any engine there?)."""
         error: UpstreamError | None = None

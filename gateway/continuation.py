@@ -8,6 +8,9 @@ They respect the prompt format of the request they continue:
   message holding the generated text and the suffix, continued in place
   (vLLM's ``continue_final_message`` with ``add_generation_prompt`` off).
 
+(For chat templates that strip the reasoning from assistant turns, the route's
+``continuation: rendered`` continues on the rendered prompt instead: gateway/rendered.py.)
+
 Nothing here knows a model's template: delimiters and suffixes are route
 settings.
 
@@ -29,6 +32,8 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest
 
 # Sampling fields a continuation inherits from the client's request.
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty")
+# vLLM's chat-template fields of a chat request.
+_TEMPLATE = ("chat_template", "chat_template_kwargs", "tools")
 
 
 def text_prompt(request: CompletionRequest) -> str:
@@ -44,6 +49,28 @@ def text_prompt(request: CompletionRequest) -> str:
     )
 
 
+def sampling_body(
+    request: CompletionRequest | ChatCompletionRequest, upstream_model: str, *, max_tokens: int, greedy: bool
+) -> dict[str, Any]:
+    """A side generation's request less its prompt: streamed with usage, sampling as the client's (or greedy)."""
+    body: dict[str, Any] = {"model": upstream_model, "max_tokens": max_tokens, "n": 1, "stream": True}
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    client = request.model_dump(exclude_unset=True)
+    if "priority" in client:  # vLLM's scheduling priority: side generations inherit the request's
+        body["priority"] = client["priority"]
+    if greedy:
+        body["temperature"] = 0.0
+    else:
+        body.update({k: client[k] for k in _SAMPLING if k in client})
+    return body
+
+
+def template_fields(request: ChatCompletionRequest) -> dict[str, Any]:
+    """The client's chat-template fields: a continuation renders with the template the request used."""
+    client = request.model_dump(exclude_unset=True)
+    return {k: client[k] for k in _TEMPLATE if k in client}
+
+
 def continuation_body(
     request: CompletionRequest | ChatCompletionRequest,
     upstream_model: str,
@@ -54,15 +81,7 @@ def continuation_body(
     greedy: bool,
     logprobs: bool,
 ) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": upstream_model, "max_tokens": max_tokens, "n": 1, "stream": True}
-    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
-    client = request.model_dump(exclude_unset=True)
-    if "priority" in client:  # vLLM's scheduling priority: side generations inherit the request's
-        body["priority"] = client["priority"]
-    if greedy:
-        body["temperature"] = 0.0
-    else:
-        body.update({k: client[k] for k in _SAMPLING if k in client})
+    body = sampling_body(request, upstream_model, max_tokens=max_tokens, greedy=greedy)
     if isinstance(request, CompletionRequest):
         body["prompt"] = text_prompt(request) + generated + suffix
         if logprobs:
@@ -71,6 +90,7 @@ def continuation_body(
         messages = [m.model_dump(exclude_unset=True) for m in request.messages]
         messages.append({"role": "assistant", "content": generated + suffix})
         body["messages"] = messages
+        body.update(template_fields(request))
         body["add_generation_prompt"] = False
         body["continue_final_message"] = True
         if logprobs:

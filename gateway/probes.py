@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import anyio
 
 from gateway.chunks import ChunkParser
-from gateway.continuation import continuation_body, token_logprobs
+from gateway.continuation import token_logprobs
 from gateway.errors import GatewayError
 from gateway.evaluation import Extractor, Normalizer
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from gateway.rendered import Continuer
 from gateway.settings import RouteConfig
 from gateway.upstream import EngineClient
 from policies.base import ProbeResult
@@ -67,8 +68,13 @@ class Probes:
         on_result: Callable[[ProbeResult], None],
         on_duration: Callable[[float], None] | None = None,
         max_probes: int | None = None,
+        continuer: Continuer | None = None,
     ) -> None:
         self.upstream = upstream
+        # How a probe reaches the engine (gateway/rendered.py); the request's generation shares its own.
+        self.continuer = continuer or Continuer(
+            upstream, endpoint=endpoint, request=request, route=route, request_id=request_id
+        )
         self.endpoint = endpoint
         self.request = request
         self.route = route
@@ -114,24 +120,20 @@ class Probes:
             self._inflight.remove(task)
 
     async def _run(self, number: int, at_tokens: int, generated: str) -> None:
-        body = continuation_body(
-            self.request,
-            self.route.upstream_model,
-            generated,
-            self.route.probe_suffix,
-            max_tokens=self.route.probe_max_tokens,
-            greedy=True,
-            logprobs=self.logprobs,
-        )
-        parser = ChunkParser(self.endpoint)
         pieces: list[str] = []
         lps: list[float] = []
         started = time.monotonic()
         counted_prompt = False
         try:
-            async with self.upstream.stream(
-                _path(self.endpoint), body, request_id=f"{self.request_id}-probe{number}"
+            async with self.continuer.stream(
+                generated,
+                self.route.probe_suffix,
+                max_tokens=self.route.probe_max_tokens,
+                greedy=True,
+                logprobs=self.logprobs,
+                request_id=f"{self.request_id}-probe{number}",
             ) as stream:
+                parser = ChunkParser(self.continuer.shape)
                 async for chunk in stream:
                     usage = chunk.get("usage")
                     if isinstance(usage, dict) and not counted_prompt and usage.get("prompt_tokens"):
@@ -172,7 +174,3 @@ class Probes:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
-
-
-def _path(endpoint: Endpoint) -> str:
-    return "/v1/completions" if endpoint == "completions" else "/v1/chat/completions"

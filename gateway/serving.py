@@ -34,12 +34,13 @@ import anyio
 
 from gateway.accounting import Accounting as Accounting  # re-exported: gateway/ensemble.py imports it here
 from gateway.chunks import ChoiceDelta, ChunkParser
-from gateway.continuation import as_answer, continuation_body, split_suffix, text_prompt, token_logprobs
+from gateway.continuation import as_answer, split_suffix, text_prompt, token_logprobs
 from gateway.cost import COST_STOP, CostMeter, sequences
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.probes import Probes
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from gateway.rendered import Continuer
 from gateway.settings import RouteConfig
 from gateway.toplogprobs import logprob_request, token_choices
 from gateway.upstream import EngineClient
@@ -216,6 +217,9 @@ class Generation:
         self._policy_error: PolicyFailed | None = None
         self._finished = False  # the engine ended the stream itself
         self.probes: Probes | None = None
+        self.continuer = Continuer(
+            upstream, endpoint=ctx.endpoint, request=ctx.request, route=ctx.route, request_id=ctx.request_id
+        )
         if self.policy is not None:
             route = ctx.route
             self.probes = Probes(
@@ -229,6 +233,7 @@ class Generation:
                 logprobs=self.policy.wants_logprobs,
                 on_result=self._on_probe,
                 max_probes=ctx.max_probes,
+                continuer=self.continuer,
             )
 
     # -- the policy side --------------------------------------------------
@@ -318,10 +323,12 @@ class Generation:
     def _continued_text(self) -> str:
         """What the model has written so far, as a continuation must repeat it.
 
-        With a reasoning parser the engine swallowed ``think_open``; the continuation puts it back.
+        With a reasoning parser the engine swallowed ``think_open``; the continuation puts it back. (vLLM 0.32's
+        streaming parser leaves it in when it shares the first delta with more text: then it is not doubled.)
         """
         if self._parser.reasoning_field is not None:
-            return self.ctx.route.think_open + "".join(self._reasoning)
+            reasoning, think_open = "".join(self._reasoning), self.ctx.route.think_open
+            return reasoning if reasoning.startswith(think_open) else think_open + reasoning
         return "".join(self._generated)
 
     # -- the stream side --------------------------------------------------
@@ -453,20 +460,17 @@ class Generation:
                 yield self._text_chunk(before, field=field)
             if after:
                 yield self._text_chunk(after)
-        body = continuation_body(
-            self.ctx.request,
-            route.upstream_model,
+        acc = self.accounting
+        async with self.continuer.stream(
             self._continued_text(),
             suffix,
             max_tokens=min(route.forced_max_tokens, self.cost.remaining),
             greedy=False,
             logprobs=False,
-        )
-        parser = ChunkParser(self.ctx.endpoint)
-        acc = self.accounting
-        async with self.upstream.stream(
-            PATHS[self.ctx.endpoint], body, request_id=f"{self.ctx.request_id}-forced"
+            request_id=f"{self.ctx.request_id}-forced",
         ) as stream:
+            shape = self.continuer.shape
+            parser = ChunkParser(shape)
             async for chunk in stream:
                 usage = chunk.get("usage")
                 if isinstance(usage, dict) and usage.get("prompt_tokens"):
@@ -476,6 +480,10 @@ class Generation:
                 for delta in parser.parse(chunk):
                     acc.forced += delta.tokens
                     self.cost.charge(delta.tokens)
+                if shape != self.ctx.endpoint:  # completions text continuing a chat (continuation: rendered)
+                    for choice in chunk["choices"]:
+                        yield self._text_chunk(str(choice.get("text") or ""), finish_reason=choice.get("finish_reason"))
+                    continue
                 out = self._client_chunk(chunk)
                 out["id"] = self._meta.get("id", out.get("id"))
                 out.pop("usage", None)

@@ -105,6 +105,11 @@ class RouteConfig(BaseModel):
     think_close: str = "</think>"
     probe_suffix: str = Field(default="</think>\n####", min_length=1)
     answer_suffix: str = Field(default="</think>\n####", min_length=1)
+    # How chat probes and forced answers continue the reasoning (gateway/rendered.py): "message" as a partial
+    # assistant message (continue_final_message), "rendered" on /v1/completions with the prompt the engine's chat
+    # template renders (/tokenize, /detokenize), for templates that strip reasoning from assistant turns; "auto":
+    # message until the engine refuses it, then rendered.
+    continuation: Literal["message", "rendered", "auto"] = "message"
     extractor: str = "gsm8k"
     extractor_pattern: str | None = None
     normalizer: str = "number"

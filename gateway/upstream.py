@@ -67,6 +67,8 @@ class EngineClient(Protocol):
 
     async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any: ...
 
+    async def post_json(self, path: str, body: dict[str, Any], *, request_id: str) -> Any: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -143,6 +145,22 @@ class Upstream:
             return response.json()
         except ValueError as exc:
             raise UpstreamError(f"GET {path} returned invalid JSON.") from exc
+
+    async def post_json(self, path: str, body: dict[str, Any], *, request_id: str) -> Any:
+        """A small non-streamed JSON request (``/tokenize``): errors map as ``stream``'s do."""
+        try:
+            response = await self.client.post(path, json=body, headers={"X-Request-Id": request_id})
+        except httpx.HTTPError as exc:
+            raise translate(exc) from exc
+        if response.status_code >= 400:
+            message, param = _error_message(response.status_code, response.content[:_MAX_ERROR_BODY])
+            if response.status_code < 500:
+                raise UpstreamRejected(response.status_code, message, param=param)
+            raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise UpstreamError(f"POST {path} returned invalid JSON.") from exc
 
 
 async def _read_bounded(response: httpx.Response) -> bytes:

@@ -69,6 +69,8 @@ class FakeEngine:
         self.queue: deque[Script] = deque()
         self.stats = Stats()
         self.record = True
+        # Refuse to continue an assistant message the template would strip (as vLLM does with DeepSeek-R1's).
+        self.strips_reasoning = False
         # Picks a script from the request body and headers; takes precedence over the queue.
         self.responder: Callable[[dict[str, Any], dict[str, str]], Script | None] | None = None
 
@@ -91,7 +93,13 @@ class FakeEngine:
         if scope["method"] == "GET" and path in ("/v1/models", "/health"):
             await _json(send, 200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
             return
-        if scope["method"] != "POST" or path not in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
+        if scope["method"] != "POST" or path not in (
+            "/v1/completions",
+            "/v1/chat/completions",
+            "/v1/responses",
+            "/tokenize",
+            "/detokenize",
+        ):
             await _json(send, 404, {"error": {"message": f"no route {path}", "type": "NotFound"}})
             return
         body = b""
@@ -108,6 +116,16 @@ class FakeEngine:
             self.stats.requests.append(request)
             self.stats.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
+        if path in ("/tokenize", "/detokenize"):
+            await _json(send, 200, _tokenize(request) if path == "/tokenize" else _detokenize(request))
+            return
+        if self.strips_reasoning and _continues_stripped(request):
+            message = (
+                "continue_final_message is set but the final message does not appear in the chat after "
+                "applying the chat template!"
+            )
+            await _json(send, 400, {"error": {"message": message, "type": "BadRequestError", "code": 400}})
+            return
         script = self.responder(request, headers) if self.responder is not None else None
         if script is None:
             script = self.queue.popleft() if self.queue else self.default
@@ -286,6 +304,45 @@ def _deltas(pieces: list[str], key: str, reasoning: str | None) -> list[tuple[di
     if carried or not out:
         out.append(({key: ""}, carried, 0))
     return out
+
+
+# The fake chat template: a message is <|role|>content, and the generation prompt opens an assistant turn.
+# Like DeepSeek-R1's, it drops the thinking from past assistant turns (continue_final_message can't continue it);
+# with chat_template_kwargs {"thinking": true} the generation prompt also opens the thinking, as newer R1 ones do.
+
+
+def render_chat(messages: list[dict[str, Any]], add_generation_prompt: bool, *, thinking: bool = False) -> str:
+    parts = []
+    for m in messages:
+        content = str(m.get("content") or "")
+        if m.get("role") == "assistant" and "</think>" in content:
+            content = content.split("</think>")[-1]
+        parts.append(f"<|{m.get('role')}|>{content}\n")
+    opening = "<|assistant|>" + ("<think>\n" if thinking else "")
+    return "".join(parts) + (opening if add_generation_prompt else "")
+
+
+def _continues_stripped(request: dict[str, Any]) -> bool:
+    messages = request.get("messages") or []
+    final = str(messages[-1].get("content") or "") if messages else ""
+    return bool(request.get("continue_final_message")) and "</think>" in final
+
+
+def _tokenize(request: dict[str, Any]) -> dict[str, Any]:
+    """``POST /tokenize``: one token per character (the code point), of the rendered chat or the prompt."""
+    if "messages" in request:
+        kwargs = request.get("chat_template_kwargs") or {}
+        text = render_chat(
+            request["messages"], bool(request.get("add_generation_prompt", True)), thinking=bool(kwargs.get("thinking"))
+        )
+    else:
+        text = str(request.get("prompt", ""))
+    tokens = [ord(c) for c in text]
+    return {"count": len(tokens), "max_model_len": 4096, "tokens": tokens, "token_strs": None}
+
+
+def _detokenize(request: dict[str, Any]) -> dict[str, Any]:
+    return {"prompt": "".join(chr(t) for t in request["tokens"])}
 
 
 def _usage(script: Script, completion: int, reasoning_tokens: int | None) -> dict[str, Any]:

@@ -35,8 +35,18 @@ class Outcome:
     reasoning_in_field: bool  # chat: the reasoning came in a reasoning field, never in content
 
 
-async def one(client: httpx.AsyncClient, shape: str, prompt: str, golds: tuple[str, ...], budget: int) -> Outcome:
+async def one(
+    client: httpx.AsyncClient,
+    shape: str,
+    prompt: str,
+    golds: tuple[str, ...],
+    budget: int,
+    *,
+    chat_template: str | None = None,
+) -> Outcome:
     body: dict[str, Any] = {"model": "tinyreason", "temperature": 0, "stopgate": {"policy": "budget", "budget": budget}}
+    if chat_template is not None and shape != "bare":
+        body["chat_template"] = chat_template
     if shape == "bare":
         body["prompt"] = prompt
         r = await client.post("/v1/completions", json=body)
@@ -62,20 +72,30 @@ async def one(client: httpx.AsyncClient, shape: str, prompt: str, golds: tuple[s
 
 
 async def measure(
-    url: str, references: Path, budgets: list[int], *, limit: int | None = None, concurrency: int = 8
+    url: str,
+    references: Path,
+    budgets: list[int],
+    *,
+    limit: int | None = None,
+    concurrency: int = 8,
+    chat_template: str | None = None,
+    shapes: tuple[str, ...] = SHAPES,
 ) -> dict[str, Any]:
-    """EM, stops and mean thinking per (shape, budget); the items are the first ``limit`` of the file."""
+    """EM, stops and mean thinking per (shape, budget); the items are the first ``limit`` of the file.
+
+    ``chat_template``: the chat requests bring this template (the engine needs --trust-request-chat-template).
+    """
     items = list(load_reference_file(references))[:limit]
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=180) as client:
 
         async def run(shape: str, prompt: str, golds: tuple[str, ...], budget: int) -> Outcome:
             async with gate:
-                return await one(client, shape, prompt, golds, budget)
+                return await one(client, shape, prompt, golds, budget, chat_template=chat_template)
 
         out: dict[str, Any] = {"items": len(items), "results": []}
         for budget in budgets:
-            for shape in SHAPES:
+            for shape in shapes:
                 outcomes = await asyncio.gather(
                     *(run(shape, it.prompt or "", tuple(it.answers), budget) for it in items)
                 )
@@ -102,10 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", type=int, nargs="+", default=[64, 96])
     ap.add_argument("--limit", type=int)
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--chat-template", type=Path, help="a template file the chat requests bring with them")
     ap.add_argument("--out", type=Path, help="write the full result (per item included) as JSON")
     args = ap.parse_args(argv)
     result = asyncio.run(
-        measure(args.url, args.references, args.budgets, limit=args.limit, concurrency=args.concurrency)
+        measure(
+            args.url,
+            args.references,
+            args.budgets,
+            limit=args.limit,
+            concurrency=args.concurrency,
+            chat_template=args.chat_template.read_text() if args.chat_template else None,
+        )
     )
     for row in result["results"]:
         print(

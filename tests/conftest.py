@@ -111,6 +111,8 @@ def parser_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServedG
     with open(log, "wb") as out:
         # Generous start-up bounds: on a loaded 2-core machine the engine took over 300 s to start.
         env = {**os.environ, "STOPGATE_ENGINE__STARTUP_TIMEOUT_S": "600"}
+        # Requests may bring their own chat template (tests/test_rendered_engine.py: one that strips the reasoning).
+        env["STOPGATE_ENGINE__EXTRA_ARGS"] = '["--trust-request-chat-template"]'
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway.cli", *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
         )
