@@ -44,7 +44,7 @@ from loadtest.common import percentile
 from loadtest.redis_server import RedisServer
 from loadtest.replicas import REPO, Child, _spawn, haproxy, replica, wait_http
 
-ADMIN_KEY = "scale-admin-key"
+ADMIN_KEY = "scale-admin-key-0123456789"
 ITEMS = 50
 THINK = (10, 50)
 
@@ -91,6 +91,7 @@ def write_routes(directory: Path) -> Path:
     routes = yaml.safe_load((REPO / "gateway" / "routes.yaml").read_text())
     arith = routes["routes"]["arith"]
     arith["budget"] = 64
+    arith["default_max_tokens"] = 80  # what the load sends: a gold sample steers only at the route's settings
     arith["control"] = {"target": 0.8, "min_budget": 8, "max_budget": 64}
     arith["evaluation"] = {"references": [str(refs)], "canary_per_minute": 0, "shadow_share": 0.0}
     routes["routes"] = {"arith": arith}

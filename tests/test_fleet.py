@@ -34,7 +34,7 @@ from gateway.settings import load_routes
 from loadtest.redis_server import RedisServer
 from loadtest.replicas import Child, fake_engine, replica, wait_http
 
-KEY = "fleet-admin-key"
+KEY = "fleet-admin-key-0123456789"
 ADMIN = {"authorization": f"Bearer {KEY}"}
 ROUTE = "arith"
 LEASE_MS = 3000
@@ -66,6 +66,7 @@ def write_routes(directory: Path) -> Path:
     routes = yaml.safe_load((Path(__file__).resolve().parent.parent / "gateway" / "routes.yaml").read_text())
     arith = routes["routes"][ROUTE]
     arith["budget"] = 16
+    arith["default_max_tokens"] = 64  # what the test sends: a gold sample steers only at the route's settings
     arith["control"] = {
         "target": 0.8,
         "min_budget": 4,
