@@ -76,12 +76,12 @@ async def get_route(request: Request, route: str) -> dict[str, Any]:
 
 @router.post("/routes/{route}/freeze", responses=errors(400))
 async def freeze(request: Request, route: str) -> dict[str, Any]:
-    return _plane(request).freeze(route, True)
+    return await _plane(request).freeze(route, True)
 
 
 @router.post("/routes/{route}/unfreeze", responses=errors(400))
 async def unfreeze(request: Request, route: str) -> dict[str, Any]:
-    return _plane(request).freeze(route, False)
+    return await _plane(request).freeze(route, False)
 
 
 @router.put(
@@ -91,7 +91,7 @@ async def unfreeze(request: Request, route: str) -> dict[str, Any]:
 )
 async def set_budget(request: Request, route: str) -> dict[str, Any]:
     plane = _plane(request)
-    return plane.set_budget(route, _number(await _json(request), "budget", int))
+    return await plane.set_budget(route, _number(await _json(request), "budget", int))
 
 
 @router.put(
@@ -101,7 +101,7 @@ async def set_budget(request: Request, route: str) -> dict[str, Any]:
 )
 async def set_target(request: Request, route: str) -> dict[str, Any]:
     plane = _plane(request)
-    return plane.set_target(route, float(_number(await _json(request), "target", float)))
+    return await plane.set_target(route, float(_number(await _json(request), "target", float)))
 
 
 @router.put("/routes/{route}/references/{name}", responses=errors(400, 413), openapi_extra=text_body("text/plain"))
@@ -116,7 +116,7 @@ async def upload_references(request: Request, route: str, name: str) -> dict[str
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"The reference set is not UTF-8 (byte {exc.start}).", param="body") from exc
     try:
-        return plane.upload(route, name, text)
+        return await plane.upload(route, name, text)
     except ReferenceSetError as exc:
         raise InvalidRequest(f"The reference set was rejected, nothing was loaded:\n{exc}", param="body") from exc
 

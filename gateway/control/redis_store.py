@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -50,6 +50,8 @@ PREFIX = "stopgate"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 # Redis calls fail fast, so an outage never holds a request or the fleet loop for long.
 SOCKET_TIMEOUT_S = 2.0
+# An operator's compare-and-set write retries this often when a leader commits between its read and write.
+CAS_ATTEMPTS = 8
 
 
 def is_redis_url(url: str) -> bool:
@@ -200,6 +202,24 @@ class RedisStore:
 
     def routes(self) -> list[str]:
         return sorted(self._call("list routes", self._redis().smembers, f"{self.prefix}:routes"))
+
+    def update(self, route: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> dict[str, Any]:
+        """An operator's write as compare-and-set: ``change`` maps the state stored now (None if none)
+        to the new one, which is written only if no commit came in between; else it reads and retries.
+
+        So an admin write on one replica never overwrites samples the leader folded in after that
+        replica last refreshed: it is applied to the leader's state, and ``last_id`` is left as is."""
+        k = self.keys(route)
+        for _ in range(CAS_ATTEMPTS):
+            current = StateRecord.from_hash(self._call(f"load route {route!r}", self._redis().hgetall, k.state))
+            state = change(current.state)
+            text = _encode(route, state, None)
+            args = ["", current.revision, text, "", 0, 0, 0, str(time.time()), f"{self.prefix}:published", route]
+            written = int(self._call(f"save route {route!r}", self._save_state, [k.state, k.fence, k.log], args))
+            if written >= 0:
+                self._call("list routes", self._redis().sadd, f"{self.prefix}:routes", route)
+                return state
+        raise StoreError(f"route {route!r}: the state changed under each of {CAS_ATTEMPTS} attempts to write it")
 
     def save(self, route: str, state: dict[str, Any], sample: SampleRecord | None = None) -> None:
         text = _encode(route, state, sample)

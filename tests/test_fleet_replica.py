@@ -1,0 +1,134 @@
+"""Issue 18 review fixes: one replica's fleet loop and admin writes, in-process, against a real ``redis-server``.
+
+Each test builds replicas (a ``ControlPlane`` with its ``Fleet``) on a key prefix of its own, on one
+module-wide Redis, and drives their rounds by hand, so the order of events is the test's, not a timer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from gateway.control.fleet import Fleet
+from gateway.control.plane import ControlPlane
+from gateway.control.redis_store import RedisLog, RedisStore
+from gateway.control.store import SampleRecord
+from gateway.errors import StateUnavailable
+from gateway.metrics import Metrics
+from gateway.settings import Settings
+from loadtest.redis_server import RedisServer
+from tests.test_fleet import write_routes
+from tests.test_store import sample
+
+ROUTE = "arith"
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"r{next(_prefixes)}-{time.monotonic_ns()}"
+
+
+@dataclass
+class Replica:
+    plane: ControlPlane
+    fleet: Fleet
+    metrics: Metrics
+
+    def value(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@asynccontextmanager
+async def replica(
+    server: RedisServer, prefix: str, tmp_path: Path, name: str, **fleet_args: Any
+) -> AsyncIterator[Replica]:
+    """A replica as ``create_app`` builds one, on its own key prefix; its loop is not started."""
+    (tmp_path / name).mkdir()
+    routes = write_routes(tmp_path / name)
+    settings = Settings(upstream_url="http://127.0.0.1:9", routes_file=routes, state_url=server.url)
+    metrics = Metrics(CollectorRegistry())
+    store = RedisStore(server.url, prefix=prefix)
+    plane = ControlPlane(settings, settings.load_routes(), store, metrics, in_flight=lambda: 0)
+    fleet = Fleet(plane, RedisLog.from_url(server.url, prefix=prefix), metrics, replica=name, **fleet_args)
+    plane.fleet = fleet
+    try:
+        yield Replica(plane, fleet, metrics)
+    finally:
+        if fleet._task is not None:
+            fleet._task.cancel()
+            await asyncio.gather(fleet._task, return_exceptions=True)
+        await fleet.store.aclose()
+        store.close()
+
+
+def gold(budget: int, correct: bool) -> SampleRecord:
+    return sample(ROUTE, budget=budget, correct=correct)
+
+
+def stored_state(server: RedisServer, prefix: str) -> dict[str, Any] | None:
+    with RedisStore(server.url, prefix=prefix) as store:
+        return store.load(ROUTE)
+
+
+def test_an_admin_write_on_a_stale_replica_keeps_the_samples_the_leader_folded_in(
+    redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """Regression (issue 18 review, exactly once): B's admin write is applied to the state the leader A
+    published, not to B's cached one, so the samples A folded in since B last refreshed stay in the state."""
+
+    async def go() -> None:
+        async with replica(redis_server, prefix, tmp_path, "a") as a, replica(redis_server, prefix, tmp_path, "b") as b:
+            await a.fleet.round()  # A leads and publishes the initial state; B never refreshes
+            for i in range(10):
+                a.fleet.submit(gold(16, correct=i % 3 != 0), True)
+            await a.fleet.round()
+            folded = stored_state(redis_server, prefix)
+            assert folded is not None and len(folded["window"]) == 10
+            await b.plane.freeze(ROUTE, True)
+            assert stored_state(redis_server, prefix) == {**folded, "frozen": True}
+            assert b.plane.routes[ROUTE].state is not None and b.plane.routes[ROUTE].state.frozen
+            # The leader's next fold starts from the operator's state: all 11 samples, frozen.
+            a.fleet.submit(gold(16, correct=True), True)
+            await a.fleet.round()
+            after = stored_state(redis_server, prefix)
+            assert after is not None and after["frozen"] and len(after["window"]) == 11
+
+    asyncio.run(go())
+
+
+def test_a_target_change_that_cannot_be_written_leaves_the_target_as_it_was(
+    redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """Regression (issue 18 review): a 503 says nothing changed, so the replica keeps its old target."""
+
+    async def go() -> None:
+        async with replica(redis_server, prefix, tmp_path, "a") as a:
+            rc = a.plane.routes[ROUTE]
+            assert rc.config is not None
+            target, state = rc.config.target, rc.state
+            a.plane.store.close()  # every write now fails as an unreachable Redis does
+            with pytest.raises(StateUnavailable):
+                await a.plane.set_target(ROUTE, 0.95)
+            assert rc.config.target == target and rc.state == state
+
+    asyncio.run(go())
