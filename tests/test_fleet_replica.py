@@ -132,3 +132,83 @@ def test_a_target_change_that_cannot_be_written_leaves_the_target_as_it_was(
             assert rc.config.target == target and rc.state == state
 
     asyncio.run(go())
+
+
+async def eventually(check: Any, what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def test_undecodable_log_entries_are_skipped_counted_and_the_fold_goes_past_them(
+    redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """Regression (issue 18 review): one bad entry used to raise out of every round, for good."""
+
+    async def go() -> None:
+        async with replica(redis_server, prefix, tmp_path, "a") as a:
+            await a.fleet.round()
+            log = a.fleet.store.client
+            key = a.fleet.store.keys(ROUTE).log
+            a.fleet.submit(gold(16, correct=True), True)
+            await a.fleet.round()
+            for fields in ({"r": "not json"}, {"r": '{"route": "arith"}'}, {"x": "1"}, {"r": "[1]"}):
+                await log.xadd(key, fields)  # type: ignore[arg-type]
+            bad_budget = '{"route":"arith","source":"gold","budget":"16","level":0,"correct":true,"tokens":0,"at":1}'
+            await log.xadd(key, {"r": bad_budget})
+            a.fleet.submit(gold(16, correct=False), True)
+            await a.fleet.round()
+            state = stored_state(redis_server, prefix)
+            assert state is not None and state["window"] == [True, False]
+            assert a.value("stopgate_fleet_undecodable_entries_total", route=ROUTE) == 5
+            last = await log.xrevrange(key, "+", "-", 1)
+            assert (await a.fleet.store.read_state(ROUTE)).last_id == last[0][0]
+            await a.fleet.round()  # nothing new: the bad entries are not read, or counted, again
+            assert a.value("stopgate_fleet_undecodable_entries_total", route=ROUTE) == 5
+
+    asyncio.run(go())
+
+
+def test_a_fleet_loop_that_hits_an_unexpected_error_keeps_running_and_stops_leading(
+    redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """Regression (issue 18 review): a ValueError from a bad stored state ended the task silently while
+    ``leads()`` stayed true, so a dead ex-leader kept scheduling canaries."""
+
+    async def go() -> None:
+        async with replica(redis_server, prefix, tmp_path, "a", refresh_s=0.05) as a:
+            a.fleet.start()
+            await eventually(lambda: a.fleet.leads(ROUTE), "the replica to lead")
+            client = a.fleet.store.client
+            key = a.fleet.store.keys(ROUTE).state
+            good = await client.hget(key, "state")  # type: ignore[misc]
+            await client.hset(key, "state", '{"bogus": 1}')  # type: ignore[misc]
+            await eventually(lambda: a.value("stopgate_fleet_loop_errors_total") >= 2, "failed rounds")
+            assert a.fleet._task is not None and not a.fleet._task.done(), "the loop goes on"
+            assert not a.fleet.leads(ROUTE)
+            assert a.value("stopgate_fleet_leader", route=ROUTE) == 0
+            await client.hset(key, "state", good)  # type: ignore[misc]
+            await eventually(lambda: a.fleet.leads(ROUTE), "the replica to lead again once rounds succeed")
+
+    asyncio.run(go())
+
+
+def test_a_replica_whose_lease_ran_out_does_not_lead_even_before_its_next_round(
+    redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """Regression (issue 18 review): ``leads()`` checked only the token, not that the lease was renewed
+    within its time to live, so a stalled loop left a replica scheduling canaries as a leader."""
+
+    async def go() -> None:
+        async with replica(redis_server, prefix, tmp_path, "a", lease_ms=300) as a:
+            await a.fleet.round()
+            a.fleet._set_up(True)
+            assert a.fleet.leads(ROUTE)
+            lease_key = a.fleet.store.keys(ROUTE).lease
+            while await a.fleet.store.client.exists(lease_key):  # no round runs: the lease runs out
+                await asyncio.sleep(0.05)
+            await eventually(lambda: not a.fleet.leads(ROUTE), "leads() to turn false", timeout_s=10)
+
+    asyncio.run(go())

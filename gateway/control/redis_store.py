@@ -123,10 +123,34 @@ def encode_record(record: SampleRecord, controlled: bool) -> str:
     return json.dumps({**asdict(record), "ctl": controlled}, separators=(",", ":"))
 
 
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "route": str,
+    "source": str,
+    "budget": int,
+    "level": int,
+    "correct": bool,
+    "tokens": int,
+    "at": (int, float),
+}
+
+
 def decode_record(text: str | bytes) -> tuple[SampleRecord, bool]:
-    data = json.loads(text)
+    """A log entry's sample and whether it was taken at the controller's settings; ValueError if malformed."""
+    try:
+        data = json.loads(text)
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"log entry: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("log entry: not a JSON object")
     controlled = bool(data.pop("ctl", False))
-    return SampleRecord(**data), controlled
+    for name, kind in _RECORD_TYPES.items():
+        value = data.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"log entry: {name!r} is missing or of the wrong type")
+    try:
+        return SampleRecord(**data), controlled
+    except TypeError as exc:  # unknown fields
+        raise ValueError(f"log entry: {exc}") from exc
 
 
 def _counts(fields: dict[str, str]) -> dict[str, int]:
@@ -278,6 +302,16 @@ class LogEntry:
 
 
 @dataclass(frozen=True)
+class LogRead:
+    """One read of the log: the decoded entries, the id of the last entry read, how many were read and skipped."""
+
+    entries: list[LogEntry]
+    last_id: str
+    read: int
+    skipped: int
+
+
+@dataclass(frozen=True)
 class RouteView:
     """What every replica reads each refresh: the published state, the shared counters, the lease holder."""
 
@@ -327,9 +361,20 @@ class RedisLog:
         return StateRecord.from_hash(fields)
 
     async def entries_after(self, route: str, last_id: str, count: int) -> list[LogEntry]:
+        return (await self.read_after(route, last_id, count)).entries
+
+    async def read_after(self, route: str, last_id: str, count: int) -> LogRead:
+        """Up to ``count`` log entries after ``last_id``; one that cannot be decoded is skipped (and
+        counted), never an error that would stop the leader at that entry for good."""
         start = f"({last_id}" if last_id else "-"
         rows: list[tuple[str, dict[str, str]]] = await self.client.xrange(self.keys(route).log, start, "+", count)  # type: ignore[assignment]
-        return [LogEntry(entry_id, *decode_record(fields["r"])) for entry_id, fields in rows]
+        entries: list[LogEntry] = []
+        for entry_id, fields in rows:
+            try:
+                entries.append(LogEntry(entry_id, *decode_record(fields["r"])))
+            except (KeyError, ValueError):
+                continue
+        return LogRead(entries, rows[-1][0] if rows else "", len(rows), len(rows) - len(entries))
 
     async def commit(
         self, route: str, token: int, revision: int, state: dict[str, Any], last_id: str, counts: dict[str, int]
