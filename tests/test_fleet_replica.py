@@ -212,3 +212,32 @@ def test_a_replica_whose_lease_ran_out_does_not_lead_even_before_its_next_round(
             await eventually(lambda: not a.fleet.leads(ROUTE), "leads() to turn false", timeout_s=10)
 
     asyncio.run(go())
+
+
+def test_an_admin_write_while_redis_hangs_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    """Regression (issue 18 review): the admin write called Redis synchronously on the event loop, so a
+    Redis that stopped answering stalled every request on the replica until the socket timed out."""
+    import signal
+
+    server = RedisServer(tmp_path / "redis-own")
+    server.start()
+
+    async def go() -> None:
+        async with replica(server, "hang", tmp_path, "a") as a:
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)  # Redis takes the connection and answers nothing
+            try:
+                write = asyncio.ensure_future(a.plane.set_budget(ROUTE, 32))
+                for _ in range(20):  # the loop keeps turning while the write waits on Redis
+                    await asyncio.sleep(0)
+                assert not write.done(), "the write ran on the event loop and blocked it"
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            await write  # Redis answers again: the write lands
+            state = stored_state(server, "hang")
+            assert state is not None and state["budget"] == 32
+
+    try:
+        asyncio.run(go())
+    finally:
+        server.stop()

@@ -75,7 +75,7 @@ class Fleet:
     ) -> None:
         self.plane, self.store, self.metrics = plane, store, metrics
         self.replica = replica or replica_id()
-        self.buffer_max, self.refresh_s = buffer_max, refresh_s
+        self.buffer_max, self.refresh_s, self.lease_ms = buffer_max, refresh_s, lease_ms
         self.leases = {r: Lease(store.client, store.keys(r), self.replica, lease_ms) for r in plane.routes}
         self.buffer: dict[str, deque[tuple[int, SampleRecord, bool]]] = {r: deque() for r in plane.routes}
         self.buffered = 0
@@ -131,9 +131,12 @@ class Fleet:
         try:
             while True:
                 try:
-                    await self.round()
+                    # A round that outlasts the lease would commit under a lease already run out: stop it
+                    # (a slow or hung Redis) and count Redis as down; the fencing token keeps writes safe.
+                    async with asyncio.timeout(self.lease_ms / 1000):
+                        await self.round()
                     self._set_up(True)
-                except (RedisError, OSError) as exc:
+                except (RedisError, OSError) as exc:  # TimeoutError is an OSError
                     self._set_up(False, exc)
                 except Exception as exc:  # a bug or bad data must not end the loop while leads() says yes
                     await self._failed(exc)

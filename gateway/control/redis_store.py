@@ -42,13 +42,18 @@ from typing import Any, Self
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from gateway.control.store import DEFAULT_MAX_SAMPLES_PER_ROUTE, SOURCES, SampleRecord, StoreError, _encode
 
 PREFIX = "stopgate"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-# Redis calls fail fast, so an outage never holds a request or the fleet loop for long.
+# Redis calls fail fast, so an outage never holds a request or the fleet loop for long: one try each,
+# no retries with backoff (redis-py's default retries three times), since the fleet loop and the admin
+# API retry on their own terms.
 SOCKET_TIMEOUT_S = 2.0
 # An operator's compare-and-set write retries this often when a leader commits between its read and write.
 CAS_ATTEMPTS = 8
@@ -194,7 +199,11 @@ class RedisStore:
         self._lock = threading.Lock()
         try:
             client = redis.Redis.from_url(
-                url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+                url,
+                decode_responses=True,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=SOCKET_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0),
             )
             client.ping()
         except (RedisError, ValueError) as exc:
@@ -341,7 +350,11 @@ class RedisLog:
     @classmethod
     def from_url(cls, url: str, *, prefix: str = PREFIX) -> RedisLog:
         client = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+            url,
+            decode_responses=True,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            retry=AsyncRetry(NoBackoff(), 0),
         )
         return cls(client, prefix=prefix)
 
