@@ -241,3 +241,23 @@ def test_an_admin_write_while_redis_hangs_does_not_block_the_event_loop(tmp_path
         asyncio.run(go())
     finally:
         server.stop()
+
+
+def test_a_buffer_of_several_batches_is_appended_whole_and_in_order(
+    redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """The drain takes one batch at a time off the front (issue 18 review: without copying the buffer)."""
+    from gateway.control.fleet import BATCH
+
+    async def go() -> None:
+        async with replica(redis_server, prefix, tmp_path, "a") as a:
+            n = 2 * BATCH + 7
+            for i in range(n):
+                a.fleet.submit(gold(i + 1, correct=True), False)
+            await a.fleet.flush()
+            entries = await a.fleet.store.entries_after(ROUTE, "", n + 1)
+            assert [e.record.budget for e in entries] == list(range(1, n + 1))
+            assert a.fleet.buffered == 0
+
+    asyncio.run(go())
+

@@ -28,6 +28,7 @@ whose lease has not run out by then goes on leading.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
@@ -175,7 +176,7 @@ class Fleet:
     async def flush(self) -> None:
         for route, queue in self.buffer.items():
             while queue:
-                batch = list(queue)[:BATCH]
+                batch = list(itertools.islice(queue, BATCH))  # not list(queue): O(BATCH), not O(buffer)
                 await self.store.append(route, self.replica, batch)
                 for _ in batch:
                     queue.popleft()
