@@ -19,7 +19,7 @@ from gateway.admin import router as admin_router
 from gateway.api import router
 from gateway.auth import build_authenticator
 from gateway.balancer import UpstreamPool
-from gateway.control.fleet import join_fleet
+from gateway.control.fleet import Fleet, join_fleet
 from gateway.control.plane import ControlPlane
 from gateway.control.store import open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
@@ -86,9 +86,7 @@ def create_app(
         finally:
             canaries.cancel()
             await asyncio.gather(canaries, return_exceptions=True)
-            if fleet is not None:
-                await fleet.aclose()
-            await control.aclose()
+            await close_control(control, fleet)
             await upstream.aclose()
 
     app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan)
@@ -100,6 +98,15 @@ def create_app(
     )
     _install_error_handlers(app)
     return app
+
+
+async def close_control(control: ControlPlane, fleet: Fleet | None) -> None:
+    """Shut the control plane down: evaluation runs first (their samples go to the fleet's buffer),
+    then the fleet's last flush and lease hand-over, then the store."""
+    await control.drain()
+    if fleet is not None:
+        await fleet.aclose()
+    await control.aclose()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

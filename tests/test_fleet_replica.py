@@ -261,3 +261,55 @@ def test_a_buffer_of_several_batches_is_appended_whole_and_in_order(
 
     asyncio.run(go())
 
+
+def test_shared_token_counters_are_added_all_or_nothing(redis_server: RedisServer, prefix: str) -> None:
+    """Regression (issue 18 review): the HINCRBY pipeline was not a transaction, so a batch refused part
+    way applied its first counters and the retry (the replica keeps the batch) counted them twice.
+    Here Redis refuses route b's key to this client (an ACL), so the batch fails half way."""
+    import redis as sync_redis
+
+    user = f"u-{prefix}"
+    admin = sync_redis.Redis.from_url(redis_server.url)
+    try:
+        admin.execute_command("ACL", "SETUSER", user, "on", ">pw", f"~{prefix}:{{a}}:*", "+@all")
+    finally:
+        admin.close()
+
+    async def go() -> None:
+        log = RedisLog.from_url(redis_server.url.replace("redis://", f"redis://{user}:pw@"), prefix=prefix)
+        try:
+            with pytest.raises(Exception):  # noqa: B017 - redis-py's abort error for the refused batch
+                await log.add_tokens({"a": {"live": 5}, "b": {"live": 7}})
+            assert await log.client.hget(log.keys("a").share, "live") is None  # type: ignore[misc]
+            await log.add_tokens({"a": {"live": 5}})
+            assert await log.client.hget(log.keys("a").share, "live") == "5"  # type: ignore[misc]
+        finally:
+            await log.aclose()
+
+    asyncio.run(go())
+
+
+def test_shutdown_appends_the_samples_of_evaluation_runs_that_finish_while_it_drains(
+    redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    """Regression (issue 18 review): the fleet's last flush ran before the plane's tasks were drained,
+    so a shadow run that finished during shutdown handed in a sample nobody appended."""
+    from gateway.app import close_control
+
+    async def go() -> None:
+        async with replica(redis_server, prefix, tmp_path, "a") as a:
+            await a.fleet.round()
+            release = asyncio.Event()
+
+            async def shadow_run() -> None:
+                await release.wait()
+                a.fleet.submit(sample(ROUTE, source="shadow", budget=64, tokens=30), True)
+
+            a.plane._spawn(shadow_run())
+            asyncio.get_running_loop().call_soon(release.set)  # the run ends once shutdown has begun
+            await close_control(a.plane, a.fleet)
+            a.fleet._task = None
+
+    asyncio.run(go())
+    with RedisStore(redis_server.url, prefix=prefix) as store:
+        assert [s.source for s in store.samples(ROUTE)] == ["shadow"]

@@ -78,6 +78,8 @@ log = logging.getLogger("stopgate.control")
 GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
 # An operator's change: (state, config) -> (state, config).
 Change = Callable[[ControllerState, ControllerConfig], tuple[ControllerState, ControllerConfig]]
+# At shutdown, evaluation runs in flight get this long to finish (and hand in their samples) before they are cancelled.
+DRAIN_S = 10.0
 # Stop reasons that mean the request did not run its reasoning to the end.
 NOT_EARLY = frozenset({"finished"})
 
@@ -376,11 +378,18 @@ class ControlPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def aclose(self) -> None:
+    async def drain(self, timeout_s: float = DRAIN_S) -> None:
+        """Let the evaluation runs in flight finish, for up to ``timeout_s``; cancel the rest. Call it
+        before the fleet's last flush, so the samples they hand in are appended, not lost."""
         tasks = list(self._tasks)
+        if tasks and timeout_s > 0:
+            await asyncio.wait(tasks, timeout=timeout_s)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.drain(0)
         self.store.close()
 
     # -- scoring ----------------------------------------------------------

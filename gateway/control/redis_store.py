@@ -407,8 +407,11 @@ class RedisLog:
         return result
 
     async def add_tokens(self, deltas: dict[str, dict[str, int]]) -> None:
-        """Add token counts to the shared evaluation-share counters: ``{route: {kind: n}}``."""
-        async with self.client.pipeline(transaction=False) as pipe:
+        """Add token counts to the shared evaluation-share counters: ``{route: {kind: n}}``.
+
+        All or nothing (MULTI/EXEC): the caller keeps the counts for the next round when this raises,
+        so a partly applied batch would be counted twice."""
+        async with self.client.pipeline(transaction=True) as pipe:
             for route, kinds in deltas.items():
                 for kind, n in kinds.items():
                     if n:
