@@ -21,7 +21,7 @@ from gateway.auth import build_authenticator
 from gateway.balancer import UpstreamPool
 from gateway.control.fleet import Fleet, join_fleet
 from gateway.control.plane import ControlPlane
-from gateway.control.store import open_store
+from gateway.control.store import Store, open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
 from gateway.metrics import Metrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
@@ -46,7 +46,7 @@ def create_app(
     routes = settings.load_routes()
     metrics = Metrics(registry)
     auth = build_authenticator(settings, {route.name for route in routes.routes})
-    store = open_store(settings.state_url or settings.state_path)
+    store = _open_store(settings)
     holder: dict[str, Services] = {}
     try:
         control = ControlPlane(
@@ -98,6 +98,14 @@ def create_app(
     )
     _install_error_handlers(app)
     return app
+
+
+def _open_store(settings: Settings) -> Store:
+    if settings.state_url is None:
+        return open_store(settings.state_path)
+    from gateway.control.redis_store import RedisStore  # redis is imported only when used
+
+    return RedisStore(settings.state_url)
 
 
 async def close_control(control: ControlPlane, fleet: Fleet | None) -> None:
