@@ -79,7 +79,7 @@ GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
 # An operator's change: (state, config) -> (state, config).
 Change = Callable[[ControllerState, ControllerConfig], tuple[ControllerState, ControllerConfig]]
 # At shutdown, evaluation runs in flight get this long to finish (and hand in their samples) before they are cancelled.
-DRAIN_S = 10.0
+DRAIN_S = 5.0
 # Stop reasons that mean the request did not run its reasoning to the end.
 NOT_EARLY = frozenset({"finished"})
 
