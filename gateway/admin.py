@@ -20,7 +20,6 @@ from __future__ import annotations
 import hmac
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
@@ -86,12 +85,12 @@ async def get_route(request: Request, route: str) -> dict[str, Any]:
 
 @router.post("/routes/{route}/freeze", responses=errors(400))
 async def freeze(request: Request, route: str) -> dict[str, Any]:
-    return _plane(request).freeze(route, True)
+    return await _plane(request).freeze(route, True)
 
 
 @router.post("/routes/{route}/unfreeze", responses=errors(400))
 async def unfreeze(request: Request, route: str) -> dict[str, Any]:
-    return _plane(request).freeze(route, False)
+    return await _plane(request).freeze(route, False)
 
 
 @router.put(
@@ -101,7 +100,7 @@ async def unfreeze(request: Request, route: str) -> dict[str, Any]:
 )
 async def set_budget(request: Request, route: str) -> dict[str, Any]:
     plane = _plane(request)
-    return plane.set_budget(route, _number(await _json(request), "budget", int))
+    return await plane.set_budget(route, _number(await _json(request), "budget", int))
 
 
 @router.put(
@@ -111,7 +110,7 @@ async def set_budget(request: Request, route: str) -> dict[str, Any]:
 )
 async def set_target(request: Request, route: str) -> dict[str, Any]:
     plane = _plane(request)
-    return plane.set_target(route, float(_number(await _json(request), "target", float)))
+    return await plane.set_target(route, float(_number(await _json(request), "target", float)))
 
 
 @router.put("/routes/{route}/references/{name}", responses=errors(400, 413), openapi_extra=text_body("text/plain"))
@@ -128,16 +127,16 @@ async def upload_references(request: Request, route: str, name: str) -> dict[str
         raise InvalidRequest(f"The reference set is not UTF-8 (byte {exc.start}).", param="body") from exc
     del raw
     try:
-        # Parsing and validating tens of MB takes seconds: off the event loop, one upload at a time.
+        # Parsing and validating tens of MB takes seconds: off the event loop (ControlPlane.upload), one at a time.
         async with plane.upload_lock:
-            return await anyio.to_thread.run_sync(plane.upload, route, name, text)
+            return await plane.upload(route, name, text)
     except ReferenceSetError as exc:
         raise InvalidRequest(f"The reference set was rejected, nothing was loaded:\n{exc}", param="body") from exc
 
 
 @router.delete("/routes/{route}/references/{name}")
 async def delete_references(request: Request, route: str, name: str) -> dict[str, Any]:
-    return _plane(request).delete_references(route, name)
+    return await _plane(request).delete_references(route, name)
 
 
 @router.api_route("/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -20,9 +20,9 @@ from gateway.admin import router as admin_router
 from gateway.api import router
 from gateway.auth import build_authenticator
 from gateway.balancer import UpstreamPool
-from gateway.control.fleet import join_fleet
+from gateway.control.fleet import Fleet, join_fleet
 from gateway.control.plane import ControlPlane
-from gateway.control.store import open_store
+from gateway.control.store import Store, open_store
 from gateway.errors import GatewayError, InvalidRequest, internal_error
 from gateway.httpguard import rate_limited_exception_handler
 from gateway.metrics import Metrics
@@ -48,7 +48,7 @@ def create_app(
     routes = settings.load_routes()
     metrics = Metrics(registry)
     auth = build_authenticator(settings, {route.name for route in routes.routes})
-    store = open_store(settings.state_url or settings.state_path)
+    store = _open_store(settings)
     holder: dict[str, Services] = {}
     try:
         control = ControlPlane(
@@ -90,9 +90,7 @@ def create_app(
         finally:
             canaries.cancel()
             await asyncio.gather(canaries, return_exceptions=True)
-            if fleet is not None:
-                await fleet.aclose()
-            await control.aclose()
+            await close_control(control, fleet)
             await upstream.aclose()
 
     app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
@@ -108,6 +106,23 @@ def create_app(
     )
     _install_error_handlers(app)
     return app
+
+
+def _open_store(settings: Settings) -> Store:
+    if settings.state_url is None:
+        return open_store(settings.state_path)
+    from gateway.control.redis_store import RedisStore  # redis is imported only when used
+
+    return RedisStore(settings.state_url)
+
+
+async def close_control(control: ControlPlane, fleet: Fleet | None) -> None:
+    """Shut the control plane down: evaluation runs first (their samples go to the fleet's buffer),
+    then the fleet's last flush and lease hand-over, then the store."""
+    await control.drain()
+    if fleet is not None:
+        await fleet.aclose()
+    await control.aclose()
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -141,6 +141,18 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.fleet_loop_errors = Counter(
+            "stopgate_fleet_loop_errors",
+            "Fleet-loop rounds that failed with an unexpected error (not Redis being unreachable); the replica "
+            "then leads nothing until a round succeeds.",
+            registry=r,
+        )
+        self.fleet_undecodable = Counter(
+            "stopgate_fleet_undecodable_entries",
+            "Entries of the route's shared sample log that could not be decoded and were skipped.",
+            ["route"],
+            registry=r,
+        )
         self.eval_skipped = Counter(
             "stopgate_evaluation_skipped",
             "Evaluation runs not started, by route, source and reason (busy, share).",

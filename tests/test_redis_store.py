@@ -77,12 +77,14 @@ def run(coro: Any) -> Any:
     return asyncio.run(coro)
 
 
-def test_open_store_opens_redis_for_a_redis_url(redis_server: RedisServer) -> None:
-    store = open_store(redis_server.url)
-    try:
-        assert isinstance(store, RedisStore)
-    finally:
-        store.close()
+def test_open_store_refuses_a_redis_url_and_names_state_url(redis_server: RedisServer) -> None:
+    """Regression (issue 18 review): a Redis URL in STOPGATE_STATE_PATH opened a shared store with no
+    fleet loop, so each replica stepped its own controller on it and overwrote the others."""
+    from gateway.control.store import StoreError
+
+    with pytest.raises(StoreError, match="STOPGATE_STATE_URL") as info:
+        open_store(redis_server.url.replace("redis://", "redis://user:s3cret@"))
+    assert "s3cret" not in str(info.value)
 
 
 def test_unreachable_redis_is_a_store_error_naming_the_url_without_its_password() -> None:

@@ -28,9 +28,11 @@ whose lease has not run out by then goes on leading.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import socket
+import time
 import uuid
 from collections import Counter, deque
 from typing import Any
@@ -50,6 +52,7 @@ log = logging.getLogger("stopgate.fleet")
 BATCH = 500  # log entries folded per commit
 MAX_BATCHES = 20  # per route per round, so one backlog does not starve the other routes
 TOKEN_KINDS = ("live", "canary", "shadow")
+ERROR_LOG_INTERVAL_S = 60.0  # an unexpected error that repeats every round is logged once a minute
 
 
 def replica_id() -> str:
@@ -73,7 +76,7 @@ class Fleet:
     ) -> None:
         self.plane, self.store, self.metrics = plane, store, metrics
         self.replica = replica or replica_id()
-        self.buffer_max, self.refresh_s = buffer_max, refresh_s
+        self.buffer_max, self.refresh_s, self.lease_ms = buffer_max, refresh_s, lease_ms
         self.leases = {r: Lease(store.client, store.keys(r), self.replica, lease_ms) for r in plane.routes}
         self.buffer: dict[str, deque[tuple[int, SampleRecord, bool]]] = {r: deque() for r in plane.routes}
         self.buffered = 0
@@ -84,6 +87,7 @@ class Fleet:
         self.up: bool | None = None
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._error_logged_at = -ERROR_LOG_INTERVAL_S
 
     # -- called by the control plane on the request path (no I/O) -------------
 
@@ -102,8 +106,9 @@ class Fleet:
         self.pending[route][kind] += tokens
 
     def leads(self, route: str) -> bool:
-        """Whether this replica holds the route's lease and reaches Redis (only the leader schedules canaries)."""
-        return self.up is True and self.leases[route].token is not None
+        """Whether this replica reaches Redis and holds the route's lease, renewed within its time to live
+        (only the leader schedules canaries: a replica whose loop stalled or failed is no longer one)."""
+        return self.up is True and self.leases[route].held()
 
     def describe(self, route: str) -> dict[str, Any]:
         view = self.views.get(route)
@@ -127,10 +132,15 @@ class Fleet:
         try:
             while True:
                 try:
-                    await self.round()
+                    # A round that outlasts the lease would commit under a lease already run out: stop it
+                    # (a slow or hung Redis) and count Redis as down; the fencing token keeps writes safe.
+                    async with asyncio.timeout(self.lease_ms / 1000):
+                        await self.round()
                     self._set_up(True)
-                except (RedisError, OSError) as exc:
+                except (RedisError, OSError) as exc:  # TimeoutError is an OSError
                     self._set_up(False, exc)
+                except Exception as exc:  # a bug or bad data must not end the loop while leads() says yes
+                    await self._failed(exc)
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.refresh_s)
                 except TimeoutError:
@@ -139,6 +149,22 @@ class Fleet:
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
+
+    async def _failed(self, exc: Exception) -> None:
+        """A round failed for another reason than Redis: count it, log it (once a minute), stop leading."""
+        self.metrics.fleet_loop_errors.inc()
+        now = time.monotonic()
+        if now - self._error_logged_at >= ERROR_LOG_INTERVAL_S:
+            self._error_logged_at = now
+            log.error("fleet round failed; leading no route until a round succeeds", exc_info=exc)
+        self.up = False  # leads() is false from now on (Redis may be fine: fleet_redis_up is left as it is)
+        for route, lease in self.leases.items():
+            self.metrics.fleet_leader.labels(route).set(0)
+            try:  # hand the lease over, so a replica without this fault leads; it runs out anyway if this fails
+                async with asyncio.timeout(self.refresh_s):
+                    await lease.release()
+            except (RedisError, OSError, TimeoutError):
+                lease.lost()
 
     async def round(self) -> None:
         """One pass: append, add tokens, lead, refresh (see the module docstring)."""
@@ -150,7 +176,7 @@ class Fleet:
     async def flush(self) -> None:
         for route, queue in self.buffer.items():
             while queue:
-                batch = list(queue)[:BATCH]
+                batch = list(itertools.islice(queue, BATCH))  # not list(queue): O(BATCH), not O(buffer)
                 await self.store.append(route, self.replica, batch)
                 for _ in batch:
                     queue.popleft()
@@ -173,12 +199,13 @@ class Fleet:
             return
         for _ in range(MAX_BATCHES):
             current = await self.store.read_state(route)
-            entries = await self.store.entries_after(route, current.last_id, BATCH)
-            if not entries and current.state is not None:
+            read = await self.store.read_after(route, current.last_id, BATCH)
+            if not read.read and current.state is not None:
                 return
+            entries = read.entries
             rc = self.plane.routes[route]
             state, counts = self.fold(rc, current, entries)
-            last_id = entries[-1].id if entries else ""
+            last_id = read.last_id  # past any entry that could not be decoded, so it is skipped once
             try:
                 await self.store.commit(route, token, current.revision, state, last_id, counts)
             except StaleLease:
@@ -191,8 +218,11 @@ class Fleet:
                 self.metrics.fleet_refused.labels(route, "conflict").inc()
                 continue  # an operator wrote the state meanwhile: fold into theirs
             self.metrics.fleet_applied.labels(route).inc(len(entries))
+            if read.skipped:
+                self.metrics.fleet_undecodable.labels(route).inc(read.skipped)
+                log.error("route %s: %d undecodable log entries skipped (up to %s)", route, read.skipped, last_id)
             self._adopt(rc, state, count=True)
-            if len(entries) < BATCH:
+            if read.read < BATCH:
                 return
 
     def fold(

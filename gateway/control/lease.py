@@ -14,6 +14,8 @@ after ``ttl_ms``, and the next replica to call ``hold`` takes it.
 
 from __future__ import annotations
 
+import time
+
 import redis.asyncio as aioredis
 
 from gateway.control.redis_store import Keys
@@ -48,6 +50,7 @@ class Lease:
             raise ValueError(f"ttl_ms: must be >= 1, got {ttl_ms}")
         self.keys, self.owner, self.ttl_ms = keys, owner, ttl_ms
         self.token: int | None = None
+        self.held_until = 0.0  # time.monotonic() by which the lease runs out unless renewed
         self._hold = client.register_script(_HOLD)
         self._release = client.register_script(_RELEASE)
 
@@ -57,9 +60,16 @@ class Lease:
         Renew at least every ``ttl_ms / 3``. On a Redis error the caller must
         call ``lost`` (the lease may run out while Redis cannot be reached)."""
         mine = "" if self.token is None else str(self.token)
+        asked = time.monotonic()  # Redis set the expiry after this moment, so the lease lasts at least this long
         token = int(await self._hold(keys=[self.keys.lease, self.keys.fence], args=[self.owner, self.ttl_ms, mine]))
         self.token = token or None
+        if self.token is not None:
+            self.held_until = asked + self.ttl_ms / 1000
         return self.token
+
+    def held(self) -> bool:
+        """Whether this replica holds the lease now: it has a token and renewed it within ``ttl_ms``."""
+        return self.token is not None and time.monotonic() < self.held_until
 
     def lost(self) -> None:
         """Stop acting as the holder (a write was refused, or Redis cannot be reached)."""

@@ -52,7 +52,7 @@ from gateway.control.controller import (
     step,
     wilson,
 )
-from gateway.control.shared import Shared, unavailable_if_shared
+from gateway.control.shared import Shared, Versioned, unavailable_if_shared
 from gateway.control.store import SampleRecord, Store
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.evaluation import (
@@ -78,6 +78,10 @@ log = logging.getLogger("stopgate.control")
 GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
 # A stored reference set's body that records its deletion (a tombstone: the Store keeps its one write call).
 DELETED = ""
+# An operator's change: (state, config) -> (state, config).
+Change = Callable[[ControllerState, ControllerConfig], tuple[ControllerState, ControllerConfig]]
+# At shutdown, evaluation runs in flight get this long to finish (and hand in their samples) before they are cancelled.
+DRAIN_S = 5.0
 # Stop reasons that mean the request did not run its reasoning to the end.
 NOT_EARLY = frozenset({"finished"})
 
@@ -386,11 +390,18 @@ class ControlPlane:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def aclose(self) -> None:
+    async def drain(self, timeout_s: float = DRAIN_S) -> None:
+        """Let the evaluation runs in flight finish, for up to ``timeout_s``; cancel the rest. Call it
+        before the fleet's last flush, so the samples they hand in are appended, not lost."""
         tasks = list(self._tasks)
+        if tasks and timeout_s > 0:
+            await asyncio.wait(tasks, timeout=timeout_s)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def aclose(self) -> None:
+        await self.drain(0)
         self.store.close()
 
     # -- scoring ----------------------------------------------------------
@@ -458,59 +469,90 @@ class ControlPlane:
         }
         return out
 
-    def freeze(self, route_name: str, frozen: bool) -> dict[str, Any]:
-        rc, _, state = self._controlled_route(route_name)
-        self._commit(rc, replace(state, frozen=frozen))
+    async def freeze(self, route_name: str, frozen: bool) -> dict[str, Any]:
+        rc, _, _ = self._controlled_route(route_name)
+        await self._write(rc, lambda state, config: (replace(state, frozen=frozen), config))
         return self.snapshot(route_name)
 
-    def set_budget(self, route_name: str, budget: int) -> dict[str, Any]:
-        rc, config, state = self._controlled_route(route_name)
+    async def set_budget(self, route_name: str, budget: int) -> dict[str, Any]:
+        rc, config, _ = self._controlled_route(route_name)
         if not config.min_budget <= budget <= config.max_budget:
             raise InvalidRequest(
                 f"budget {budget} is outside the route's bounds [{config.min_budget}, {config.max_budget}].",
                 param="budget",
             )
-        self._commit(rc, override_budget(state, budget, config))
+        await self._write(rc, lambda state, config: (override_budget(state, budget, config), config))
         return self.snapshot(route_name)
 
-    def set_target(self, route_name: str, target: float) -> dict[str, Any]:
-        rc, _, state = self._controlled_route(route_name)
+    async def set_target(self, route_name: str, target: float) -> dict[str, Any]:
+        rc, _, _ = self._controlled_route(route_name)
         if not 0.0 < target <= 1.0:
             raise InvalidRequest(f"target {target} must be in (0, 1].", param="target")
         try:
             config = controller_config(rc.route, target)
         except ConfigError as exc:  # the route's other controller settings do not fit this target
             raise InvalidRequest(f"target {target} does not fit the route's controller: {exc}", param="target") from exc
-        rc.config = config
-        self._commit(rc, retarget(state, config))
+        await self._write(rc, lambda state, _: (retarget(state, config), config))
         return self.snapshot(route_name)
 
-    def upload(self, route_name: str, name: str, text: str) -> dict[str, Any]:
-        """Validate a JSONL reference set as a whole and add it (or replace the set of that name)."""
+    async def upload(self, route_name: str, name: str, text: str) -> dict[str, Any]:
+        """Validate a JSONL reference set as a whole and add it (or replace the set of that name).
+
+        Parsing tens of MB and the store's write (Redis may be slow or down) run in a worker thread."""
         rc = self.get(route_name)
-        ref_set = check_route(rc.route, parse_reference_lines(name, text, source=f"upload {name!r}"))
-        try:
-            references = rc.references.replace(ref_set)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), param="body") from exc
-        with unavailable_if_shared(self.fleet):
-            self.store.save_reference_set(route_name, name, text)  # durable before it is acknowledged
+
+        def parse() -> ReferenceIndex:
+            ref_set = check_route(rc.route, parse_reference_lines(name, text, source=f"upload {name!r}"))
+            try:
+                return rc.references.replace(ref_set)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), param="body") from exc
+
+        references = await asyncio.to_thread(parse)
+        with unavailable_if_shared(self.fleet):  # durable before it is acknowledged
+            await asyncio.to_thread(self.store.save_reference_set, route_name, name, text)
         rc.references = references
         return self.snapshot(route_name)
 
-    def delete_references(self, route_name: str, name: str) -> dict[str, Any]:
+    async def delete_references(self, route_name: str, name: str) -> dict[str, Any]:
         """Remove the reference set ``name`` (uploaded or from the routes file); durable across restarts."""
         rc = self.get(route_name)
         if name not in set(rc.references.names()):
             raise NotFound(f"Route '{route_name}' has no reference set named '{name}'.", param="name")
-        self.store.save_reference_set(route_name, name, DELETED)
+        with unavailable_if_shared(self.fleet):
+            await asyncio.to_thread(self.store.save_reference_set, route_name, name, DELETED)
         rc.references = rc.references.without(name)
         return self.snapshot(route_name)
 
-    def _commit(self, rc: RouteControl, state: ControllerState) -> None:
-        with unavailable_if_shared(self.fleet):
-            self.store.save(rc.route.name, state_to_dict(state))  # first: a failed save changes nothing
-        rc.state = state
+    async def _write(self, rc: RouteControl, change: Change) -> None:
+        """An operator's change, made durable before it takes effect here (a failed write changes nothing).
+
+        On its own store the replica's state is the truth and the write is immediate. With replicas
+        sharing Redis, the change is applied to the state stored *now* (the leader may have folded in
+        samples since this replica last refreshed) and written compare-and-set, in a worker thread so
+        that a Redis outage does not stall the event loop."""
+        assert rc.config is not None and rc.state is not None
+        local_state, local_config = rc.state, rc.config
+        if self.fleet is None:
+            state, config = change(local_state, local_config)
+            self.store.save(rc.route.name, state_to_dict(state))
+        elif not isinstance(self.store, Versioned):
+            raise TypeError(f"a fleet needs a compare-and-set store, not {type(self.store).__name__}")
+        else:
+            done: list[tuple[ControllerState, ControllerConfig]] = []
+
+            def apply(current: dict[str, Any] | None) -> dict[str, Any]:
+                base = state_from_dict(current) if current else local_state
+                config = local_config
+                if base.target is not None and base.target != config.target:  # set through another replica
+                    config = controller_config(rc.route, base.target)
+                done[:] = [change(base, config)]  # the last attempt is the one written
+                return state_to_dict(done[0][0])
+
+            with unavailable_if_shared(self.fleet):
+                await asyncio.to_thread(self.store.update, rc.route.name, apply)
+            state, config = done[0]
+        rc.state, rc.config = state, config
         self._publish(rc)
 
     def _publish(self, rc: RouteControl) -> None:

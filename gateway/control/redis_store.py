@@ -35,21 +35,28 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, Self
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+from redis.retry import Retry
 
 from gateway.control.store import DEFAULT_MAX_SAMPLES_PER_ROUTE, SOURCES, SampleRecord, StoreError, _encode
 
 PREFIX = "stopgate"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-# Redis calls fail fast, so an outage never holds a request or the fleet loop for long.
+# Redis calls fail fast, so an outage never holds a request or the fleet loop for long: one try each,
+# no retries with backoff (redis-py's default retries three times), since the fleet loop and the admin
+# API retry on their own terms.
 SOCKET_TIMEOUT_S = 2.0
+# An operator's compare-and-set write retries this often when a leader commits between its read and write.
+CAS_ATTEMPTS = 8
 
 
 def is_redis_url(url: str) -> bool:
@@ -121,10 +128,34 @@ def encode_record(record: SampleRecord, controlled: bool) -> str:
     return json.dumps({**asdict(record), "ctl": controlled}, separators=(",", ":"))
 
 
+_RECORD_TYPES: dict[str, type | tuple[type, ...]] = {
+    "route": str,
+    "source": str,
+    "budget": int,
+    "level": int,
+    "correct": bool,
+    "tokens": int,
+    "at": (int, float),
+}
+
+
 def decode_record(text: str | bytes) -> tuple[SampleRecord, bool]:
-    data = json.loads(text)
+    """A log entry's sample and whether it was taken at the controller's settings; ValueError if malformed."""
+    try:
+        data = json.loads(text)
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"log entry: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("log entry: not a JSON object")
     controlled = bool(data.pop("ctl", False))
-    return SampleRecord(**data), controlled
+    for name, kind in _RECORD_TYPES.items():
+        value = data.get(name)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ValueError(f"log entry: {name!r} is missing or of the wrong type")
+    try:
+        return SampleRecord(**data), controlled
+    except TypeError as exc:  # unknown fields
+        raise ValueError(f"log entry: {exc}") from exc
 
 
 def _counts(fields: dict[str, str]) -> dict[str, int]:
@@ -168,7 +199,11 @@ class RedisStore:
         self._lock = threading.Lock()
         try:
             client = redis.Redis.from_url(
-                url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+                url,
+                decode_responses=True,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                socket_connect_timeout=SOCKET_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 0),
             )
             client.ping()
         except (RedisError, ValueError) as exc:
@@ -200,6 +235,24 @@ class RedisStore:
 
     def routes(self) -> list[str]:
         return sorted(self._call("list routes", self._redis().smembers, f"{self.prefix}:routes"))
+
+    def update(self, route: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> dict[str, Any]:
+        """An operator's write as compare-and-set: ``change`` maps the state stored now (None if none)
+        to the new one, which is written only if no commit came in between; else it reads and retries.
+
+        So an admin write on one replica never overwrites samples the leader folded in after that
+        replica last refreshed: it is applied to the leader's state, and ``last_id`` is left as is."""
+        k = self.keys(route)
+        for _ in range(CAS_ATTEMPTS):
+            current = StateRecord.from_hash(self._call(f"load route {route!r}", self._redis().hgetall, k.state))
+            state = change(current.state)
+            text = _encode(route, state, None)
+            args = ["", current.revision, text, "", 0, 0, 0, str(time.time()), f"{self.prefix}:published", route]
+            written = int(self._call(f"save route {route!r}", self._save_state, [k.state, k.fence, k.log], args))
+            if written >= 0:
+                self._call("list routes", self._redis().sadd, f"{self.prefix}:routes", route)
+                return state
+        raise StoreError(f"route {route!r}: the state changed under each of {CAS_ATTEMPTS} attempts to write it")
 
     def save(self, route: str, state: dict[str, Any], sample: SampleRecord | None = None) -> None:
         text = _encode(route, state, sample)
@@ -258,6 +311,16 @@ class LogEntry:
 
 
 @dataclass(frozen=True)
+class LogRead:
+    """One read of the log: the decoded entries, the id of the last entry read, how many were read and skipped."""
+
+    entries: list[LogEntry]
+    last_id: str
+    read: int
+    skipped: int
+
+
+@dataclass(frozen=True)
 class RouteView:
     """What every replica reads each refresh: the published state, the shared counters, the lease holder."""
 
@@ -287,7 +350,11 @@ class RedisLog:
     @classmethod
     def from_url(cls, url: str, *, prefix: str = PREFIX) -> RedisLog:
         client = aioredis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=SOCKET_TIMEOUT_S, socket_connect_timeout=SOCKET_TIMEOUT_S
+            url,
+            decode_responses=True,
+            socket_timeout=SOCKET_TIMEOUT_S,
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+            retry=AsyncRetry(NoBackoff(), 0),
         )
         return cls(client, prefix=prefix)
 
@@ -307,9 +374,20 @@ class RedisLog:
         return StateRecord.from_hash(fields)
 
     async def entries_after(self, route: str, last_id: str, count: int) -> list[LogEntry]:
+        return (await self.read_after(route, last_id, count)).entries
+
+    async def read_after(self, route: str, last_id: str, count: int) -> LogRead:
+        """Up to ``count`` log entries after ``last_id``; one that cannot be decoded is skipped (and
+        counted), never an error that would stop the leader at that entry for good."""
         start = f"({last_id}" if last_id else "-"
         rows: list[tuple[str, dict[str, str]]] = await self.client.xrange(self.keys(route).log, start, "+", count)  # type: ignore[assignment]
-        return [LogEntry(entry_id, *decode_record(fields["r"])) for entry_id, fields in rows]
+        entries: list[LogEntry] = []
+        for entry_id, fields in rows:
+            try:
+                entries.append(LogEntry(entry_id, *decode_record(fields["r"])))
+            except (KeyError, ValueError):
+                continue
+        return LogRead(entries, rows[-1][0] if rows else "", len(rows), len(rows) - len(entries))
 
     async def commit(
         self, route: str, token: int, revision: int, state: dict[str, Any], last_id: str, counts: dict[str, int]
@@ -329,8 +407,11 @@ class RedisLog:
         return result
 
     async def add_tokens(self, deltas: dict[str, dict[str, int]]) -> None:
-        """Add token counts to the shared evaluation-share counters: ``{route: {kind: n}}``."""
-        async with self.client.pipeline(transaction=False) as pipe:
+        """Add token counts to the shared evaluation-share counters: ``{route: {kind: n}}``.
+
+        All or nothing (MULTI/EXEC): the caller keeps the counts for the next round when this raises,
+        so a partly applied batch would be counted twice."""
+        async with self.client.pipeline(transaction=True) as pipe:
             for route, kinds in deltas.items():
                 for kind, n in kinds.items():
                     if n:

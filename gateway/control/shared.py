@@ -8,9 +8,9 @@ which imports the plane.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.control.store import SampleRecord, StoreError
 from gateway.errors import StateUnavailable
@@ -33,6 +33,15 @@ class Shared(Protocol):
 
     def describe(self, route: str) -> dict[str, Any]:
         """The ``fleet`` block of the admin API's route snapshot."""
+        ...
+
+
+@runtime_checkable
+class Versioned(Protocol):
+    """A store that writes compare-and-set (gateway/control/redis_store.py's ``RedisStore.update``)."""
+
+    def update(self, route: str, change: Callable[[dict[str, Any] | None], dict[str, Any]]) -> dict[str, Any]:
+        """Apply ``change`` to the state stored now and write it unless another write came in between."""
         ...
 
 

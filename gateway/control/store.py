@@ -527,12 +527,16 @@ MEMORY_PATHS = frozenset({":memory:", "none"})
 
 def open_store(path: str | Path, *, max_samples_per_route: int = DEFAULT_MAX_SAMPLES_PER_ROUTE) -> Store:
     """The store a state path names: ``":memory:"`` or ``"none"`` keep state in this process only
-    (``MemoryStore``); a ``redis://`` URL is the shared ``RedisStore``; any other path is a SQLite
-    file, created if missing (``SQLiteStore``)."""
-    if isinstance(path, str) and path.startswith(("redis://", "rediss://", "unix://")):
-        from gateway.control.redis_store import RedisStore  # redis is imported only when used
+    (``MemoryStore``); any other path is a SQLite file, created if missing (``SQLiteStore``).
 
-        return RedisStore(path, max_samples_per_route=max_samples_per_route)
+    A Redis URL is refused: a shared store needs the fleet loop beside it, which ``STOPGATE_STATE_URL``
+    starts (gateway/control/fleet.py); without it each replica would step its own controller on it."""
+    if isinstance(path, str) and path.startswith(("redis://", "rediss://", "unix://")):
+        scheme = path.split("://", 1)[0]
+        raise StoreError(
+            f"STOPGATE_STATE_PATH: a {scheme}:// URL is not a state file; "
+            "set STOPGATE_STATE_URL for a Redis shared by replicas"
+        )
     if isinstance(path, str) and path in MEMORY_PATHS:
         return MemoryStore(max_samples_per_route=max_samples_per_route)
     return SQLiteStore(path, max_samples_per_route=max_samples_per_route)
