@@ -42,7 +42,7 @@ from gateway.probes import Probes
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.rendered import Continuer
 from gateway.settings import RouteConfig
-from gateway.toplogprobs import logprob_request, token_choices
+from gateway.toplogprobs import merged_request, token_choices, trim
 from gateway.upstream import EngineClient
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
 from policies.brake import BrakePolicy
@@ -183,7 +183,8 @@ class Generation:
         self.policy = build_request_policy(ctx, self.spec)
         self.accounting = Accounting()
         self._body = upstream_body(ctx, vllm=vllm)  # validates before any I/O
-        self._top = False  # the policy reads the main stream's top logprobs, which the client did not ask for
+        self._top = False  # the policy reads the main stream's top logprobs
+        self._client_top: int | None = None  # how many top alternatives the client itself asked for (None: none)
         self._max_tokens = int(self._body["max_tokens"])
         # Generated tokens of the main stream, all choices, at which the gateway ends it itself.
         self._length_limit = self._max_tokens * sequences(ctx.request)
@@ -203,8 +204,9 @@ class Generation:
                 and not {"stop", "include_stop_str_in_output"} & set(self._body)
             ):
                 self._body.update(inner.engine_params)
-            elif isinstance(inner, BrakePolicy) and not {"logprobs", "top_logprobs"} & set(self._body):
-                self._body.update(logprob_request(ctx.endpoint, inner.engine_logprobs))
+            elif isinstance(inner, BrakePolicy):
+                # Whatever the client sent (logprobs false, fewer top entries), the engine returns what brake reads.
+                self._client_top = merged_request(ctx.endpoint, self._body, inner.engine_logprobs)
                 self._top = True
         self._parser = ChunkParser(ctx.endpoint)
         self._meta: dict[str, Any] = {}
@@ -546,8 +548,9 @@ class Generation:
             del out["usage"]
         out["choices"] = [dict(c) for c in chunk.get("choices") or []]
         if self._top:
+            asked = self._client_top
             for choice in out["choices"]:
-                choice["logprobs"] = None
+                choice["logprobs"] = None if asked is None else trim(choice.get("logprobs"), asked)
         return out
 
     def _text_chunk(self, text: str, *, finish_reason: str | None = None, field: str = "content") -> dict[str, Any]:

@@ -108,3 +108,73 @@ def test_ensemble_members_run_their_own_settings_and_the_weighted_vote_decides(s
     sent = {h["x-request-id"][-3:]: r for r, h in zip(engine.stats.requests, engine.stats.headers, strict=True)}
     assert sent["-s0"]["stop"] == ["check"] and "stop" not in sent["-s1"]
     assert all(r["temperature"] == 0 for k, r in sent.items() if k.startswith("-s"))
+
+
+# -- issue 19 review: the brake when the client asks for logprobs itself ------------------------
+
+
+def test_brake_fires_when_the_client_asks_for_fewer_top_logprobs_and_gets_its_own_count(
+    session_gateway: Any,  # noqa: F811
+) -> None:
+    """The engine is asked for the policy's count; each token's alternatives are cut back to the client's."""
+    engine, start = session_gateway
+    with start(Script(pieces=PIECES, top_logprobs=boundary_logprobs(close_at_check=-0.5))) as (url, _):
+        body = complete(url, logprobs=1, stopgate={"policy": "brake", "params": {"margin": 1.0, "top_logprobs": 3}})
+    assert body["stopgate"]["stop_reason"] == "brake"
+    assert main_requests(engine)[0]["logprobs"] == 3
+    logprobs = body["choices"][0]["logprobs"]
+    assert logprobs is not None and logprobs["tokens"][:3] == ["<think>", "\n", "1+2=3"]
+    assert all(len(top) == 1 for top in logprobs["top_logprobs"])  # the client asked for one alternative
+    assert CLOSE not in logprobs["top_logprobs"][4]  # "check": the close token the brake read is cut
+
+
+def test_brake_fires_when_the_client_asks_for_more_top_logprobs_and_keeps_them(session_gateway: Any) -> None:  # noqa: F811
+    engine, start = session_gateway
+    with start(Script(pieces=PIECES, top_logprobs=boundary_logprobs(close_at_check=-0.5))) as (url, _):
+        body = complete(url, logprobs=4, stopgate={"policy": "brake", "params": {"margin": 1.0, "top_logprobs": 3}})
+    assert body["stopgate"]["stop_reason"] == "brake"
+    assert main_requests(engine)[0]["logprobs"] == 4
+    assert CLOSE in body["choices"][0]["logprobs"]["top_logprobs"][4]
+
+
+def test_brake_on_chat_fires_even_with_logprobs_false_and_returns_none(session_gateway: Any) -> None:  # noqa: F811
+    import httpx
+
+    engine, start = session_gateway
+    with start(Script(pieces=PIECES, top_logprobs=boundary_logprobs(close_at_check=-0.5))) as (url, _):
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tinyreason", "messages": [{"role": "user", "content": "1+2"}], "logprobs": False,
+                  "stopgate": {"policy": "brake", "params": {"margin": 1.0}}},
+            timeout=30,
+        )  # fmt: skip
+        bad = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tinyreason", "messages": [{"role": "user", "content": "1+2"}], "logprobs": True,
+                  "top_logprobs": 10**400, "stopgate": {"policy": "brake", "params": {"margin": 1.0}}},
+            timeout=30,
+        )  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["stopgate"]["stop_reason"] == "brake"
+    assert r.json()["choices"][0]["logprobs"] is None
+    sent = main_requests(engine)[0]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 5
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_logprobs"
+
+
+def test_brake_on_chat_trims_the_alternatives_to_the_clients_top_logprobs(session_gateway: Any) -> None:  # noqa: F811
+    import httpx
+
+    engine, start = session_gateway
+    with start(Script(pieces=PIECES, top_logprobs=boundary_logprobs(close_at_check=-0.5))) as (url, _):
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tinyreason", "messages": [{"role": "user", "content": "1+2"}], "logprobs": True,
+                  "top_logprobs": 1, "stopgate": {"policy": "brake", "params": {"margin": 1.0}}},
+            timeout=30,
+        )  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["stopgate"]["stop_reason"] == "brake"
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert content and all(len(entry["top_logprobs"]) <= 1 for entry in content)
+    assert main_requests(engine)[0]["top_logprobs"] == 5
