@@ -275,7 +275,7 @@ class Generation:
         text = delta.text
         new_text = text
         self._generated.append(text)
-        if self._phase == "thinking" and self._parser.reasoning_field is not None:
+        if self._phase == "thinking" and self._parser_shape:
             # A reasoning parser's shape: reasoning deltas are the thinking, content starts the answer.
             # A chunk carrying both counts as thinking, as the bare chunk holding think_close does.
             reasoning = delta.reasoning
@@ -322,13 +322,20 @@ class Generation:
         except Exception as exc:
             self._fail(exc)
 
+    @property
+    def _parser_shape(self) -> bool:
+        """The engine splits the thinking off (seen in the stream, or declared by the route)."""
+        return self._parser.reasoning_field is not None or (
+            self.ctx.route.reasoning_parser and self.ctx.endpoint == "chat"
+        )
+
     def _continued_text(self) -> str:
         """What the model has written so far, as a continuation must repeat it.
 
         With a reasoning parser the engine swallowed ``think_open``; the continuation puts it back. (vLLM 0.32's
         streaming parser leaves it in when it shares the first delta with more text: then it is not doubled.)
         """
-        if self._parser.reasoning_field is not None:
+        if self._parser_shape:
             reasoning, think_open = "".join(self._reasoning), self.ctx.route.think_open
             return reasoning if reasoning.startswith(think_open) else think_open + reasoning
         return "".join(self._generated)
@@ -453,7 +460,7 @@ class Generation:
         """Close the reasoning and let the model write its answer (a short continuation)."""
         route = self.ctx.route
         suffix = route.answer_suffix
-        field = self._parser.reasoning_field
+        field = self._parser.reasoning_field or ("reasoning" if self._parser_shape else None)
         if field is None:
             yield self._text_chunk(suffix)
         else:

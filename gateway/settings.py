@@ -103,6 +103,9 @@ class RouteConfig(BaseModel):
     budget: int = Field(default=256, ge=1, description="thinking tokens before the answer is forced")
     think_open: str = "<think>"
     think_close: str = "</think>"
+    # True: the engine runs a reasoning parser (chat), so `content` is the answer from its first token even
+    # when the model writes no reasoning (Qwen3 with enable_thinking=false). False: told apart by the stream.
+    reasoning_parser: bool = False
     probe_suffix: str = Field(default="</think>\n####", min_length=1)
     answer_suffix: str = Field(default="</think>\n####", min_length=1)
     # How chat probes and forced answers continue the reasoning (gateway/rendered.py): "message" as a partial
