@@ -193,6 +193,7 @@ class Generation:
             self.cost.require(sequences(ctx.request), self._max_tokens, param="n", what="This request")
         else:
             self.cost = ctx.cost
+        self._engine_stops: frozenset[str] = frozenset()  # the stop strings the gateway (not the client) added
         if isinstance(self.policy, Bounded):
             inner = self.policy.inner
             if isinstance(inner, StaticPolicy):
@@ -204,6 +205,7 @@ class Generation:
                 and not {"stop", "include_stop_str_in_output"} & set(self._body)
             ):
                 self._body.update(inner.engine_params)
+                self._engine_stops = frozenset(inner.engine_params.get("stop", ()))
             elif isinstance(inner, BrakePolicy):
                 # Whatever the client sent (logprobs false, fewer top entries), the engine returns what brake reads.
                 self._client_top = merged_request(ctx.endpoint, self._body, inner.engine_logprobs)
@@ -401,6 +403,20 @@ class Generation:
                         held = out
                     else:
                         yield out
+        elif held is not None and self._cut_by_our_stop_string(held) and self.cost.remaining > 0:
+            # vLLM applies stop strings to the whole output: a cue in the answer ended it. Resume it once, without.
+            for choice in held["choices"]:
+                choice["finish_reason"] = None
+                choice.pop("stop_reason", None)
+            yield held
+            held = None
+            async for out in self._continuation(
+                "", self._resume_text(), max_tokens=self._resume_budget(), kind="resumed"
+            ):
+                if any(c.get("finish_reason") for c in out["choices"]):
+                    held = out
+                else:
+                    yield out
         finish = "length" if acc.stop_reason == COST_STOP else "stop"
         final = held if held is not None else self._text_chunk("", finish_reason=finish)
         final["usage"] = self._final_usage(usage)
@@ -469,14 +485,24 @@ class Generation:
                 yield self._text_chunk(before, field=field)
             if after:
                 yield self._text_chunk(after)
+        async for out in self._continuation(
+            suffix, self._continued_text(), max_tokens=min(route.forced_max_tokens, self.cost.remaining)
+        ):
+            yield out
+
+    async def _continuation(
+        self, suffix: str, text: str, *, max_tokens: int, kind: str = "forced"
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Continue ``text`` + ``suffix`` (no stop strings); its tokens count as forced, its text as the answer."""
+        field = self._parser.reasoning_field or ("reasoning" if self._parser_shape else None)
         acc = self.accounting
         async with self.continuer.stream(
-            self._continued_text(),
+            text,
             suffix,
-            max_tokens=min(route.forced_max_tokens, self.cost.remaining),
+            max_tokens=max_tokens,
             greedy=False,
             logprobs=False,
-            request_id=f"{self.ctx.request_id}-forced",
+            request_id=f"{self.ctx.request_id}-{kind}",
         ) as stream:
             shape = self.continuer.shape
             parser = ChunkParser(shape)
@@ -499,6 +525,22 @@ class Generation:
                 if field is not None:
                     as_answer(out)
                 yield out
+
+    def _cut_by_our_stop_string(self, held: dict[str, Any]) -> bool:
+        """The engine ended the answer at a stop string the gateway added (a cue), not at the model's end."""
+        if self.accounting.stop_reason is not None or self._phase != "answer" or not self._engine_stops:
+            return False
+        return any(c.get("stop_reason") in self._engine_stops for c in held["choices"])
+
+    def _resume_text(self) -> str:
+        """Everything the model wrote, delimiters included, for a continuation that picks up the answer."""
+        if self._parser_shape:
+            return self._continued_text() + self.ctx.route.think_close + "".join(self._generated)
+        return "".join(self._generated)
+
+    def _resume_budget(self) -> int:
+        """The client's max_tokens less what the main stream generated (at least one token)."""
+        return max(1, min(self._max_tokens - self.accounting.main, self.cost.remaining))
 
     # -- what the client sees -------------------------------------------
 

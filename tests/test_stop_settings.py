@@ -178,3 +178,67 @@ def test_brake_on_chat_trims_the_alternatives_to_the_clients_top_logprobs(sessio
     content = r.json()["choices"][0]["logprobs"]["content"]
     assert content and all(len(entry["top_logprobs"]) <= 1 for entry in content)
     assert main_requests(engine)[0]["top_logprobs"] == 5
+
+
+# -- issue 19 review: a cue in the answer must not end it ---------------------------------------------
+
+# The engine ends at the cue it was handed as a stop string, though the reasoning is over: the answer is cut.
+CUT = ["<think>", "\n", "1+2=3", "\n", CLOSE, "\n", "Let me check"]
+REST = [" it: 2+1=3", "\n#### 3"]
+
+
+def resume_responder(engine: Any) -> None:
+    def respond(body: dict[str, Any], headers: dict[str, str]) -> Script:
+        if headers.get("x-request-id", "").endswith("-resumed"):
+            return Script(pieces=REST)
+        return Script(pieces=CUT, stop_reason="check")
+
+    engine.responder = respond
+
+
+def test_a_cue_in_the_answer_does_not_end_it_the_answer_is_resumed_without_stop_strings(
+    session_gateway: Any,  # noqa: F811
+) -> None:
+    engine, start = session_gateway
+    with start(Script()) as (url, _):
+        resume_responder(engine)
+        body = complete(url, stopgate={"policy": "cue", "params": {"cues": ["check"]}})
+    choice = body["choices"][0]
+    assert choice["text"] == "".join(CUT + REST) and choice["finish_reason"] == "stop"
+    assert "stop_reason" not in choice  # the engine's cue stop is not reported as the end
+    ext = body["stopgate"]
+    assert ext["stop_reason"] == "finished" and ext["tokens"]["answer"] == 2 and ext["tokens"]["forced"] == 2
+    assert body["usage"]["completion_tokens"] == len(CUT) + len(REST)
+    main, resumed = engine.stats.requests
+    assert main["stop"] == ["check"]
+    assert "stop" not in resumed and resumed["prompt"].endswith("".join(CUT))
+    assert resumed["max_tokens"] == 400 - len(CUT)
+
+
+def test_a_cue_in_a_parser_streams_answer_is_resumed_with_the_reasoning_and_delimiters(
+    session_gateway: Any,  # noqa: F811
+) -> None:
+    import httpx
+
+    engine, start = session_gateway
+    with start(Script()) as (url, _):
+
+        def respond(body: dict[str, Any], headers: dict[str, str]) -> Script:
+            if headers.get("x-request-id", "").endswith("-resumed"):
+                return Script(pieces=REST)
+            return Script(pieces=CUT, stop_reason="check", reasoning="reasoning")
+
+        engine.responder = respond
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "tinyreason", "messages": [{"role": "user", "content": "1+2"}],
+                  "stopgate": {"policy": "cue", "params": {"cues": ["check"]}}},
+            timeout=30,
+        )  # fmt: skip
+    assert r.status_code == 200, r.text
+    message = r.json()["choices"][0]["message"]
+    assert message["reasoning"] == "\n1+2=3\n"
+    assert message["content"] == "\nLet me check" + "".join(REST)
+    resumed = engine.stats.requests[-1]
+    assert resumed["messages"][-1] == {"role": "assistant", "content": "<think>\n1+2=3\n</think>\nLet me check"}
+    assert "stop" not in resumed and resumed["continue_final_message"] is True
