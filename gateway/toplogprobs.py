@@ -41,7 +41,7 @@ def client_top(endpoint: Endpoint, body: dict[str, Any]) -> int | None:
             raise InvalidRequest("logprobs must be a boolean.", param="logprobs")
         return _count(body.get("top_logprobs", 0) if body.get("top_logprobs") is not None else 0, "top_logprobs")
     asked = body.get("logprobs")
-    return None if asked is None else _count(asked, "logprobs")
+    return None if asked is None or asked is False else _count(asked, "logprobs")
 
 
 def _count(value: Any, param: str) -> int:

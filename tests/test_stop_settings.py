@@ -242,3 +242,25 @@ def test_a_cue_in_a_parser_streams_answer_is_resumed_with_the_reasoning_and_deli
     resumed = engine.stats.requests[-1]
     assert resumed["messages"][-1] == {"role": "assistant", "content": "<think>\n1+2=3\n</think>\nLet me check"}
     assert "stop" not in resumed and resumed["continue_final_message"] is True
+
+
+def test_a_huge_or_bad_member_weight_is_a_400_naming_stopgate_not_a_500(session_gateway: Any) -> None:  # noqa: F811
+    import httpx
+
+    engine, start = session_gateway
+    with start(Script()) as (url, _):
+        codes = []
+        for weight in (10**400, -1, "x"):
+            members = [{"policy": "budget", "budget": 4, "weight": weight}]
+            r = httpx.post(
+                f"{url}/v1/completions",
+                json={"model": "tinyreason", "prompt": "1+2", "stopgate": {"policy": "ensemble",
+                                                                            "params": {"members": members}}},
+                timeout=30,
+            )  # fmt: skip
+            codes.append((r.status_code, r.json()["error"]["param"], "weight" in r.json()["error"]["message"]))
+        # A client that sends logprobs: false on completions still gets the brake, and no logprobs back.
+        body = complete(url, logprobs=False, stopgate={"policy": "brake", "params": {"margin": 1.0}})
+    assert codes == [(400, "stopgate", True)] * 3
+    assert body["choices"][0]["logprobs"] is None and main_requests(engine)[-1]["logprobs"] == 5
+    assert len(main_requests(engine)) == 1  # none of the bad ensembles reached the engine
