@@ -9,6 +9,13 @@ client gets the engine's events as they come (``event:`` names kept, no
 ``[DONE]``, as OpenAI sends them), a non-streaming one the response object
 of the final event.
 
+Engine-side state is off unless ``responses_stateful`` is set: ``background:
+true`` would leave the engine generating after the admission ticket is
+released, and ``previous_response_id`` / ``conversation`` name engine state
+that is not scoped to the API key that made it (one tenant could continue
+another's response). Those fields are then 400s, and ``store`` is forced to
+false so no response is kept to be named later.
+
 There is no early stopping here: the Responses event stream is another
 wire format, and stopping on it would take a second stop implementation.
 A request that asks for stopping settings is a 400 that says so; chat
@@ -68,9 +75,30 @@ def _validate(body: dict[str, Any]) -> ResponsesRequest:
         raise InvalidRequest(f"Invalid value for '{param}': {err['msg']}.", param=param) from exc
 
 
+STATEFUL = ("previous_response_id", "conversation")
+
+
+def _stateless(body: dict[str, Any], allowed: bool) -> dict[str, Any]:
+    """The body with engine-side state refused (400 naming the field) and ``store`` off, unless allowed."""
+    if allowed:
+        return body
+    if body.get("background") is True:
+        raise InvalidRequest(
+            "background responses are not served here (responses_stateful is off); stream instead.",
+            param="background",
+        )
+    for name in STATEFUL:
+        if body.get(name) is not None:
+            raise InvalidRequest(
+                f"'{name}' is not served here (responses_stateful is off); send the whole input.", param=name
+            )
+    return {**body, "store": False}
+
+
 def _check_sizes(req: ResponsesRequest, route: RouteConfig, max_prompt_chars: int) -> int:
     """The prompt against ``max_prompt_chars``; the output tokens the engine may generate."""
-    size = len(req.input) if isinstance(req.input, str) else len(json.dumps(req.input))
+    # Characters, as for a string input: ensure_ascii would count each non-ASCII character as a 6-char escape.
+    size = len(req.input) if isinstance(req.input, str) else len(json.dumps(req.input, ensure_ascii=False))
     size += len(req.instructions or "")
     if size > max_prompt_chars:
         raise LimitExceeded(
@@ -120,6 +148,7 @@ async def responses(request: Request) -> Response:
         ticket = services.admission.admit()
         body = parse_json_body(await read_body(request, services.settings.max_request_bytes))
         req = _validate(body)
+        body = _stateless(body, services.settings.responses_stateful)
         route = services.route_for(req.model)
         route_name = route.name
         services.auth.authorize(principal, route.name)

@@ -42,7 +42,7 @@ from gateway.probes import Probes
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.rendered import Continuer
 from gateway.settings import RouteConfig
-from gateway.toplogprobs import logprob_request, token_choices
+from gateway.toplogprobs import merged_request, token_choices, trim
 from gateway.upstream import EngineClient
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
 from policies.brake import BrakePolicy
@@ -183,7 +183,8 @@ class Generation:
         self.policy = build_request_policy(ctx, self.spec)
         self.accounting = Accounting()
         self._body = upstream_body(ctx, vllm=vllm)  # validates before any I/O
-        self._top = False  # the policy reads the main stream's top logprobs, which the client did not ask for
+        self._top = False  # the policy reads the main stream's top logprobs
+        self._client_top: int | None = None  # how many top alternatives the client itself asked for (None: none)
         self._max_tokens = int(self._body["max_tokens"])
         # Generated tokens of the main stream, all choices, at which the gateway ends it itself.
         self._length_limit = self._max_tokens * sequences(ctx.request)
@@ -192,6 +193,7 @@ class Generation:
             self.cost.require(sequences(ctx.request), self._max_tokens, param="n", what="This request")
         else:
             self.cost = ctx.cost
+        self._engine_stops: frozenset[str] = frozenset()  # the stop strings the gateway (not the client) added
         if isinstance(self.policy, Bounded):
             inner = self.policy.inner
             if isinstance(inner, StaticPolicy):
@@ -203,8 +205,10 @@ class Generation:
                 and not {"stop", "include_stop_str_in_output"} & set(self._body)
             ):
                 self._body.update(inner.engine_params)
-            elif isinstance(inner, BrakePolicy) and not {"logprobs", "top_logprobs"} & set(self._body):
-                self._body.update(logprob_request(ctx.endpoint, inner.engine_logprobs))
+                self._engine_stops = frozenset(inner.engine_params.get("stop", ()))
+            elif isinstance(inner, BrakePolicy):
+                # Whatever the client sent (logprobs false, fewer top entries), the engine returns what brake reads.
+                self._client_top = merged_request(ctx.endpoint, self._body, inner.engine_logprobs)
                 self._top = True
         self._parser = ChunkParser(ctx.endpoint)
         self._meta: dict[str, Any] = {}
@@ -273,7 +277,7 @@ class Generation:
         text = delta.text
         new_text = text
         self._generated.append(text)
-        if self._phase == "thinking" and self._parser.reasoning_field is not None:
+        if self._phase == "thinking" and self._parser_shape:
             # A reasoning parser's shape: reasoning deltas are the thinking, content starts the answer.
             # A chunk carrying both counts as thinking, as the bare chunk holding think_close does.
             reasoning = delta.reasoning
@@ -320,13 +324,20 @@ class Generation:
         except Exception as exc:
             self._fail(exc)
 
+    @property
+    def _parser_shape(self) -> bool:
+        """The engine splits the thinking off (seen in the stream, or declared by the route)."""
+        return self._parser.reasoning_field is not None or (
+            self.ctx.route.reasoning_parser and self.ctx.endpoint == "chat"
+        )
+
     def _continued_text(self) -> str:
         """What the model has written so far, as a continuation must repeat it.
 
         With a reasoning parser the engine swallowed ``think_open``; the continuation puts it back. (vLLM 0.32's
         streaming parser leaves it in when it shares the first delta with more text: then it is not doubled.)
         """
-        if self._parser.reasoning_field is not None:
+        if self._parser_shape:
             reasoning, think_open = "".join(self._reasoning), self.ctx.route.think_open
             return reasoning if reasoning.startswith(think_open) else think_open + reasoning
         return "".join(self._generated)
@@ -392,6 +403,20 @@ class Generation:
                         held = out
                     else:
                         yield out
+        elif held is not None and self._cut_by_our_stop_string(held) and self.cost.remaining > 0:
+            # vLLM applies stop strings to the whole output: a cue in the answer ended it. Resume it once, without.
+            for choice in held["choices"]:
+                choice["finish_reason"] = None
+                choice.pop("stop_reason", None)
+            yield held
+            held = None
+            async for out in self._continuation(
+                "", self._resume_text(), max_tokens=self._resume_budget(), kind="resumed"
+            ):
+                if any(c.get("finish_reason") for c in out["choices"]):
+                    held = out
+                else:
+                    yield out
         finish = "length" if acc.stop_reason == COST_STOP else "stop"
         final = held if held is not None else self._text_chunk("", finish_reason=finish)
         final["usage"] = self._final_usage(usage)
@@ -451,7 +476,7 @@ class Generation:
         """Close the reasoning and let the model write its answer (a short continuation)."""
         route = self.ctx.route
         suffix = route.answer_suffix
-        field = self._parser.reasoning_field
+        field = self._parser.reasoning_field or ("reasoning" if self._parser_shape else None)
         if field is None:
             yield self._text_chunk(suffix)
         else:
@@ -460,14 +485,24 @@ class Generation:
                 yield self._text_chunk(before, field=field)
             if after:
                 yield self._text_chunk(after)
+        async for out in self._continuation(
+            suffix, self._continued_text(), max_tokens=min(route.forced_max_tokens, self.cost.remaining)
+        ):
+            yield out
+
+    async def _continuation(
+        self, suffix: str, text: str, *, max_tokens: int, kind: str = "forced"
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Continue ``text`` + ``suffix`` (no stop strings); its tokens count as forced, its text as the answer."""
+        field = self._parser.reasoning_field or ("reasoning" if self._parser_shape else None)
         acc = self.accounting
         async with self.continuer.stream(
-            self._continued_text(),
+            text,
             suffix,
-            max_tokens=min(route.forced_max_tokens, self.cost.remaining),
+            max_tokens=max_tokens,
             greedy=False,
             logprobs=False,
-            request_id=f"{self.ctx.request_id}-forced",
+            request_id=f"{self.ctx.request_id}-{kind}",
         ) as stream:
             shape = self.continuer.shape
             parser = ChunkParser(shape)
@@ -490,6 +525,22 @@ class Generation:
                 if field is not None:
                     as_answer(out)
                 yield out
+
+    def _cut_by_our_stop_string(self, held: dict[str, Any]) -> bool:
+        """The engine ended the answer at a stop string the gateway added (a cue), not at the model's end."""
+        if self.accounting.stop_reason is not None or self._phase != "answer" or not self._engine_stops:
+            return False
+        return any(c.get("stop_reason") in self._engine_stops for c in held["choices"])
+
+    def _resume_text(self) -> str:
+        """Everything the model wrote, delimiters included, for a continuation that picks up the answer."""
+        if self._parser_shape:
+            return self._continued_text() + self.ctx.route.think_close + "".join(self._generated)
+        return "".join(self._generated)
+
+    def _resume_budget(self) -> int:
+        """The client's max_tokens less what the main stream generated (at least one token)."""
+        return max(1, min(self._max_tokens - self.accounting.main, self.cost.remaining))
 
     # -- what the client sees -------------------------------------------
 
@@ -546,8 +597,9 @@ class Generation:
             del out["usage"]
         out["choices"] = [dict(c) for c in chunk.get("choices") or []]
         if self._top:
+            asked = self._client_top
             for choice in out["choices"]:
-                choice["logprobs"] = None
+                choice["logprobs"] = None if asked is None else trim(choice.get("logprobs"), asked)
         return out
 
     def _text_chunk(self, text: str, *, finish_reason: str | None = None, field: str = "content") -> dict[str, Any]:

@@ -103,6 +103,9 @@ class RouteConfig(BaseModel):
     budget: int = Field(default=256, ge=1, description="thinking tokens before the answer is forced")
     think_open: str = "<think>"
     think_close: str = "</think>"
+    # True: the engine runs a reasoning parser (chat), so `content` is the answer from its first token even
+    # when the model writes no reasoning (Qwen3 with enable_thinking=false). False: told apart by the stream.
+    reasoning_parser: bool = False
     probe_suffix: str = Field(default="</think>\n####", min_length=1)
     answer_suffix: str = Field(default="</think>\n####", min_length=1)
     # How chat probes and forced answers continue the reasoning (gateway/rendered.py): "message" as a partial
@@ -314,6 +317,10 @@ class Settings(BaseSettings):
     key_share: float = Field(default=0.5, gt=0.0, le=1.0)
     # The prompt (or all message contents) in characters.
     max_prompt_chars: int = Field(default=200_000, ge=1)
+    # /v1/responses state kept on the engine (background runs, stored responses, previous_response_id,
+    # conversation). Off: those fields are 400s and store is forced false, because a background run outlives
+    # its admission ticket and the engine's response ids are not scoped to the key that made them.
+    responses_stateful: bool = False
     # On SIGTERM: how long in-flight requests may take to finish before they are cut.
     drain_timeout_s: float = Field(default=30.0, ge=0)
 

@@ -4,6 +4,11 @@ The two OpenAI shapes differ: completions take ``logprobs: K`` and answer
 with parallel ``tokens`` / ``token_logprobs`` / ``top_logprobs`` lists; chat
 takes ``logprobs: true, top_logprobs: K`` and answers with ``content``, one
 entry per token with its own ``top_logprobs`` list.
+
+A client may ask for logprobs itself, with fewer (or no) top alternatives
+than the policy reads. The engine is then asked for the larger count
+(``merged_request``) and each chunk is cut back to what the client asked for
+(``trim``), so the policy works and the client gets the shape it requested.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from gateway.errors import InvalidRequest
 from gateway.protocol import Endpoint
 from policies.base import TokenChoice
 
@@ -20,6 +26,65 @@ def logprob_request(endpoint: Endpoint, k: int) -> dict[str, Any]:
     if endpoint == "chat":
         return {"logprobs": True, "top_logprobs": k}
     return {"logprobs": k}
+
+
+MAX_CLIENT_TOP = 20  # vLLM's default --max-logprobs
+
+
+def client_top(endpoint: Endpoint, body: dict[str, Any]) -> int | None:
+    """How many top alternatives per token the client asked for: None if it asked for no logprobs at all."""
+    if endpoint == "chat":
+        asked = body.get("logprobs")
+        if asked is None or asked is False:
+            return None
+        if asked is not True:
+            raise InvalidRequest("logprobs must be a boolean.", param="logprobs")
+        return _count(body.get("top_logprobs", 0) if body.get("top_logprobs") is not None else 0, "top_logprobs")
+    asked = body.get("logprobs")
+    return None if asked is None or asked is False else _count(asked, "logprobs")
+
+
+def _count(value: Any, param: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_CLIENT_TOP:
+        raise InvalidRequest(f"{param} must be an integer in 0..{MAX_CLIENT_TOP}.", param=param)
+    return value
+
+
+def merged_request(endpoint: Endpoint, body: dict[str, Any], k: int) -> int | None:
+    """Ask the engine for at least ``k`` top alternatives per token, keeping the client's larger count.
+
+    Returns the client's own count (None: it asked for no logprobs), for ``trim``.
+    """
+    asked = client_top(endpoint, body)
+    body.update(logprob_request(endpoint, max(k, asked or 0)))
+    return asked
+
+
+def trim(logprobs: Any, k: int) -> Any:
+    """One chunk's logprobs cut back to the top ``k`` alternatives per token, either shape."""
+    if not isinstance(logprobs, dict):
+        return logprobs
+    out = dict(logprobs)
+    content = logprobs.get("content")
+    if isinstance(content, list):
+        out["content"] = [
+            {**e, "top_logprobs": (e.get("top_logprobs") or [])[:k]} if isinstance(e, dict) else e for e in content
+        ]
+        return out
+    tokens, tops = logprobs.get("tokens"), logprobs.get("top_logprobs")
+    if isinstance(tops, list):
+        cut = []
+        for i, top in enumerate(tops):
+            if not isinstance(top, dict):
+                cut.append(top)
+                continue
+            keep = dict(sorted(top.items(), key=lambda kv: -_num(kv[1]))[:k])
+            token = tokens[i] if isinstance(tokens, list) and i < len(tokens) else None
+            if token in top:  # vLLM lists the sampled token too, top or not
+                keep[token] = top[token]
+            cut.append(keep)
+        out["top_logprobs"] = cut
+    return out
 
 
 def token_choices(logprobs: Any) -> tuple[TokenChoice, ...] | None:

@@ -43,6 +43,8 @@ class Script:
     fail_after: int | None = None  # drop the connection after this many chunks
     error_event_after: int | None = None  # send an SSE error event after this many chunks
     finish_reason: str = "stop"
+    # vLLM's stop_reason on the last chunk: the stop string the sequence ended at (the fake matches none itself).
+    stop_reason: str | None = None
     prompt_tokens: int = 7
     # Chat only: stream the thinking in this delta field, as a reasoning parser does (None: all in content).
     reasoning: str | None = None
@@ -254,6 +256,8 @@ class FakeEngine:
             reasoning_tokens += reasoning
             last = i == len(events) - 1
             choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish if last else None}
+            if last and script.stop_reason is not None:
+                choice["stop_reason"] = script.stop_reason
             if script.top_logprobs is not None and request.get("logprobs") and i < len(script.top_logprobs):
                 piece = next(iter(delta.values()))
                 choice["logprobs"] = _logprobs(piece, script.top_logprobs[i], chat)

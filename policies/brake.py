@@ -19,6 +19,7 @@ policy stops such a trace (``low_confidence``) instead of letting it run on.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from policies.base import CONTINUE, Decision, PolicyError, ProbeResult, TokenEvent, stop
 
 MAX_TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_MIN_TOKENS = 1_000_000  # far beyond any route's budget; a bound so a client cannot send a 400-digit int
 
 
 @dataclass
@@ -44,6 +46,9 @@ class BrakePolicy:
     _sum: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
+        for name in ("margin", "min_confidence"):
+            if not math.isfinite(getattr(self, name)):
+                raise PolicyError(f"{name}: must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.margin <= 50.0:
             raise PolicyError(f"margin: must be in [0, 50] nats, got {self.margin}")
         if not self.close or len(self.close) > 64:
@@ -52,8 +57,8 @@ class BrakePolicy:
             raise PolicyError(f"step: 1 to 16 characters, got {self.step!r}")
         if not 1 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise PolicyError(f"top_logprobs: must be in 1..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
-        if self.min_tokens < 0:
-            raise PolicyError(f"min_tokens: must be >= 0, got {self.min_tokens}")
+        if not 0 <= self.min_tokens <= MAX_MIN_TOKENS:
+            raise PolicyError(f"min_tokens: must be in 0..{MAX_MIN_TOKENS}, got {self.min_tokens}")
         if not 0 <= self.window <= 4096:
             raise PolicyError(f"window: must be in 0..4096 tokens (0: off), got {self.window}")
         if not 0.0 <= self.min_confidence <= 100.0:

@@ -9,6 +9,7 @@ override it with the ``stopgate`` field (see the README).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Container, Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ from policies.compose import Bounded
 from policies.confidence import ConfidencePolicy
 from policies.convergence import ConvergencePolicy
 from policies.cue import CuePolicy
-from policies.ensemble import EnsembleParams, Member
+from policies.ensemble import MAX_MEMBERS, EnsembleParams, Member
 from policies.loop import LoopPolicy
 from policies.marker import ALL_TRUSTED, MarkerPolicy
 from policies.none import BudgetOnly, NoPolicy
@@ -66,6 +67,11 @@ def construct(
             raise PolicyError(
                 f"policy '{policy}' parameter {key!r}: expected {fields[key].type}, got {value!r}", param=key
             )
+        if str(fields[key].type) == "float":
+            try:
+                value = float(value)  # a huge int would overflow later, in the policy's own range checks
+            except OverflowError as exc:
+                raise PolicyError(f"policy '{policy}' parameter {key!r}: out of range", param=key) from exc
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     try:
         return cls(**kwargs)
@@ -121,6 +127,9 @@ def members(raw: Any, *, budget: int, trusted_patterns: Container[str] = ()) -> 
     """The ensemble's ``members``: a list of ``{policy, params, budget, weight}``, each checked like a route's."""
     if not isinstance(raw, list | tuple) or not raw:
         raise PolicyError("policy 'ensemble' parameter 'members': expected a non-empty list")
+    # Counted before any member is built: each build costs the gateway work the client chose.
+    if len(raw) > MAX_MEMBERS:
+        raise PolicyError(f"policy 'ensemble' parameter 'members': at most {MAX_MEMBERS}, got {len(raw)}")
     out = []
     for i, item in enumerate(raw):
         where = f"policy 'ensemble' parameter 'members[{i}]'"
@@ -137,7 +146,13 @@ def members(raw: Any, *, budget: int, trusted_patterns: Container[str] = ()) -> 
         if not isinstance(weight, int | float) or isinstance(weight, bool):
             raise PolicyError(f"{where}: 'weight' must be a number")
         try:
-            member = Member(item["policy"], dict(params), size, float(weight))
+            weight = float(weight)  # a huge int overflows a float
+        except (OverflowError, ValueError) as exc:
+            raise PolicyError(f"{where}: 'weight' is out of range") from exc
+        if not math.isfinite(weight) or weight <= 0:
+            raise PolicyError(f"{where}: 'weight' must be a finite number > 0, got {weight}")
+        try:
+            member = Member(item["policy"], dict(params), size, weight)
             build_policy(
                 member.policy, member.params, budget=member.budget or budget, trusted_patterns=trusted_patterns
             )

@@ -129,8 +129,9 @@ def test_cue_policy_hands_its_cues_to_the_engine_as_stop_strings() -> None:
 
 @pytest.mark.parametrize(
     ("params", "message"),
-    [({"cues": []}, "cues"), ({"cues": ["x" * 65]}, "cues"), ({"cues": ["a"] * 17}, "cues"), ({}, "cues")],
-)
+    [({"cues": []}, "cues"), ({"cues": ["x" * 65]}, "cues"), ({"cues": ["a"] * 17}, "cues"), ({}, "cues"),
+     ({"cues": ["a"] * 10_000}, "cues"), ({"cues": [""]}, "cues"), ({"cues": ["a", 1]}, "cues")],
+)  # fmt: skip
 def test_cue_policy_refuses_bad_cues_naming_the_parameter(params: dict[str, Any], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         build_policy("cue", params, budget=100)
@@ -170,7 +171,11 @@ def test_brake_lets_the_model_close_by_itself_and_holds_off_before_min_tokens() 
 @pytest.mark.parametrize(
     ("params", "name"),
     [({"margin": -1}, "margin"), ({"top_logprobs": 0}, "top_logprobs"), ({"top_logprobs": 21}, "top_logprobs"),
-     ({"close": ""}, "close"), ({"min_tokens": -1}, "min_tokens")],
+     ({"close": ""}, "close"), ({"min_tokens": -1}, "min_tokens"),
+     # Issue 19 review: every numeric parameter is finite and bounded.
+     ({"min_tokens": 10**400}, "min_tokens"), ({"margin": math.nan}, "margin"), ({"margin": math.inf}, "margin"),
+     ({"margin": 10**400}, "margin"), ({"min_confidence": math.nan}, "min_confidence"),
+     ({"window": 10**400}, "window")],
 )  # fmt: skip
 def test_brake_refuses_bad_parameters_naming_them(params: dict[str, Any], name: str) -> None:
     with pytest.raises(PolicyError, match=name):
@@ -226,6 +231,12 @@ def test_ensemble_members_are_checked_and_bad_ones_named() -> None:
         ([{"policy": "budget", "budget": "x"}], "budget"),
         ([{"policy": "budget", "extra": 1}], "unknown key"),
         ([{"policy": "none"}] * 9, "at most 8"),
+        # Issue 19 review: the count comes before any member is built, and a weight never overflows to a 500.
+        ([{"policy": "cue"}] * 9, "at most 8"),
+        ([{"policy": "budget", "weight": 10**400}], r"members\[0\].*'weight'"),
+        ([{"policy": "budget", "weight": math.inf}], r"members\[0\].*'weight'"),
+        ([{"policy": "budget", "weight": math.nan}], r"members\[0\].*'weight'"),
+        ([{"policy": "budget", "weight": -1}], "weight"),
     ]
     for members, message in bad:
         with pytest.raises(PolicyError, match=message):

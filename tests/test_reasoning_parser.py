@@ -216,3 +216,35 @@ def test_fake_engine_streams_like_a_reasoning_parser(fake_engine: tuple[FakeEngi
     assert deltas == [{"role": "assistant", "content": ""}, {field: "a"}, {field: "b"}, {"content": "c"}]
     assert events[-1]["usage"]["completion_tokens"] == 5
     assert events[-1]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 2}
+
+
+# -- issue 13 review: a parser deployment whose model writes no reasoning -------------------------
+
+NO_THINKING = ["The", " sum", " is", " 3", "."] * 10  # 50 tokens of content only (Qwen3, enable_thinking=false)
+
+
+def test_route_with_reasoning_parser_takes_content_as_the_answer_from_its_first_token(session_gateway: Any) -> None:
+    _, start = session_gateway
+    with start(Script(pieces=NO_THINKING), reasoning_parser=True) as (url, _):
+        body = chat(url, stopgate={"budget": 20})
+    ext = body["stopgate"]
+    assert ext["stop_reason"] == "finished"  # no budget stop: there was no thinking to cut
+    assert ext["tokens"]["thinking"] == 0 and ext["tokens"]["answer"] == len(NO_THINKING)
+    assert body["choices"][0]["message"]["content"] == "".join(NO_THINKING)
+
+
+def test_without_the_setting_content_only_chat_is_still_read_as_bare_text(session_gateway: Any) -> None:
+    """The default keeps the detection from the stream: content with no think_close yet is thinking."""
+    _, start = session_gateway
+    with start(Script(pieces=NO_THINKING)) as (url, _):
+        body = chat(url, stopgate={"budget": 20})
+    assert body["stopgate"]["stop_reason"] == "budget"
+
+
+def test_route_with_reasoning_parser_still_forces_the_answer_after_reasoning(session_gateway: Any) -> None:
+    engine, start = session_gateway
+    with start(Script(pieces=PARSED, reasoning="reasoning", delay_s=0.001), reasoning_parser=True) as (url, _):
+        chunks = chat_stream(url, stopgate={"budget": 20})
+    assert chunks[-1]["stopgate"]["stop_reason"] == "budget"
+    assert joined(chunks, "content") == "\n#### 3" and "</think>" not in joined(chunks, "reasoning")
+    assert requests_of(engine, "forced")[0]["messages"][-1]["content"].startswith("<think>\n1+2=3")

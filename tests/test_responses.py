@@ -83,3 +83,35 @@ def test_keys_and_route_scopes_apply(fake_engine: tuple[FakeEngine, str], gatewa
         assert_openai_error(post(url), 401)
         assert_openai_error(post(url, headers=bearer(KEY_OTHER)), 403, param="model")
         assert post(url, headers=bearer(KEY_ALL)).status_code == 200
+
+
+def test_engine_side_state_is_refused_and_store_forced_off(gateway: Any) -> None:
+    """Issue 13 review: background runs outlive their admission ticket; response ids are not scoped to a key."""
+    url, engine, _ = gateway
+    assert_openai_error(post(url, background=True), 400, param="background")
+    assert_openai_error(post(url, previous_response_id="resp_other_tenant"), 400, param="previous_response_id")
+    assert_openai_error(post(url, conversation="conv_1"), 400, param="conversation")
+    assert engine.stats.requests == []
+    r = post(url, store=True, background=False)
+    assert r.status_code == 200, r.text
+    assert engine.stats.requests[-1]["store"] is False
+
+
+def test_engine_side_state_passes_through_when_the_setting_allows_it(
+    fake_engine: tuple[FakeEngine, str], gateway_factory: Any
+) -> None:
+    engine, upstream = fake_engine
+    with gateway_factory(upstream, responses_stateful=True) as (url, _):
+        r = post(url, store=True, previous_response_id="resp_1")
+    assert r.status_code == 200, r.text
+    sent = engine.stats.requests[-1]
+    assert sent["store"] is True and sent["previous_response_id"] == "resp_1"
+
+
+def test_list_input_is_measured_in_characters_not_ascii_escapes(gateway: Any) -> None:
+    """Issue 13 review: json.dumps' default ensure_ascii made each non-ASCII character count as six."""
+    url, _, _ = gateway
+    text = "数" * 60_000  # 60k characters; 360k with \\uXXXX escapes, over the 200k limit
+    r = post(url, input=[{"role": "user", "content": text}])
+    assert r.status_code == 200, r.text
+    assert_openai_error(post(url, input=[{"role": "user", "content": "数" * 200_001}]), 400, param="input")
