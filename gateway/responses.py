@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from gateway.api import _services, _with_cancellation, read_body, request_id_of
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded, UpstreamError
+from gateway.fields import GATEWAY_FIELDS, MAX_LOGPROBS
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
 from gateway.openapi import errors, json_body
 from gateway.protocol import PositiveInt, parse_json_body
@@ -115,6 +116,15 @@ def _check_sizes(req: ResponsesRequest, route: RouteConfig, max_prompt_chars: in
     return req.max_output_tokens
 
 
+def _check_engine_fields(body: dict[str, Any]) -> None:
+    """The engine fields completions bound (gateway/fields.py) are bounded here too (issue 14)."""
+    for name in sorted(GATEWAY_FIELDS & set(body)):
+        raise InvalidRequest(f"'{name}' is set by the gateway, not by clients.", param=name)
+    top = body.get("top_logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+        raise InvalidRequest(f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}].", param="top_logprobs")
+
+
 RESPONSES_EVENT: dict[str, Any] = {
     "type": "object",
     "required": ["data"],
@@ -145,10 +155,11 @@ async def responses(request: Request) -> Response:
     ticket: Ticket | None = None
     try:
         principal = services.auth.authenticate(request.headers.get("authorization"))
-        ticket = services.admission.admit()
+        ticket = services.admission.admit(principal)  # the key's share of max_in_flight, as on completions
         body = parse_json_body(await read_body(request, services.settings.max_request_bytes))
         req = _validate(body)
         body = _stateless(body, services.settings.responses_stateful)
+        _check_engine_fields(body)
         route = services.route_for(req.model)
         route_name = route.name
         services.auth.authorize(principal, route.name)

@@ -63,6 +63,10 @@ def test_limits_are_400s_naming_the_field(gateway: Any) -> None:
     assert_openai_error(post(url, stopgate={"policy": "budget"}), 400, param="stopgate")
     assert_openai_error(post(url, input="1+" * 200_000), 400, param="input")
     assert_openai_error(post(url, model="nope"), 404, param="model")
+    # The engine fields completions bound are bounded here too (issue 14, finding 5).
+    assert_openai_error(post(url, priority=-1000), 400, param="priority")
+    assert_openai_error(post(url, ignore_eos=True), 400, param="ignore_eos")
+    assert_openai_error(post(url, top_logprobs=1_000_000), 400, param="top_logprobs")
     r = httpx.post(f"{url}/v1/responses", content=b"{", timeout=30)
     assert_openai_error(r, 400)
     assert engine.stats.requests == []  # none of them reached the engine
