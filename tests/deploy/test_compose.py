@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,9 @@ class Deployment:
     # The same project with compose.scale.yaml on top (issue 18): its `down` takes the replicas down too.
     scale_stack: Stack
     lb_url: str
+    # The replicas' anonymous volumes (the image's VOLUME /var/lib/stopgate, unused with Redis): the down test's
+    # `down` without -v orphans them, so the final `down -v` cannot find them through their containers.
+    anonymous_volumes: list[str] = field(default_factory=list)
 
     def client(self) -> httpx.Client:
         headers = {"authorization": f"Bearer {self.client_key}"}
@@ -185,6 +188,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         if scheduler is not None:
             scheduler.__exit__()
         scale_stack.down(volumes=True)
+        if deployment.anonymous_volumes:
+            stack.podman("volume", "rm", "-f", *deployment.anonymous_volumes, check=False)
 
 
 # -- the image ------------------------------------------------------------------------------------------------
@@ -457,6 +462,11 @@ def scale(deployment: Deployment) -> Deployment:
     stack = deployment.scale_stack
     started = time.monotonic()
     stack.up(*SCALE_SERVICES, no_deps=True)
+    for replica in REPLICAS:
+        mounts = stack.inspect(replica)["Mounts"]
+        deployment.anonymous_volumes += [
+            m["Name"] for m in mounts if m["Type"] == "volume" and m["Destination"] == STATE_DIR
+        ]
     for service in SCALE_SERVICES:
         stack.wait_healthy(service, GATEWAY_START_S)
     url = f"{deployment.lb_url}/ready"
