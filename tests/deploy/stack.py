@@ -30,6 +30,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent.parent
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
+SCALE_FILE = REPO / "docker" / "compose.scale.yaml"  # issue 18's replicas, Redis and HAProxy (profile `scale`)
 PROJECT = "stopgate"
 
 
@@ -47,19 +48,24 @@ def run(args: list[str], *, timeout: float = 600, check: bool = True, env: dict[
 class Stack:
     """The compose project of docker/compose.yaml with one env file and the CPU profile."""
 
-    def __init__(self, env_file: Path, services: list[str]) -> None:
+    def __init__(self, env_file: Path, services: list[str], *, scale: bool = False) -> None:
         self.engine = os.environ.get("CONTAINER_ENGINE", "podman")
         self.compose = shlex.split(os.environ.get("COMPOSE", "podman-compose"))
         if shutil.which(self.engine) is None or shutil.which(self.compose[0]) is None:
             raise DeployError(f"{self.engine} / {self.compose[0]} not found: run `make test-deploy`")
         self.env_file = env_file
         self.services = services
+        # With ``scale``, compose.scale.yaml on top and its profile too: the same project, one more file.
+        self.files = [COMPOSE_FILE, SCALE_FILE] if scale else [COMPOSE_FILE]
+        self.profiles = ["cpu", "scale"] if scale else ["cpu"]
         self.health: HealthScheduler | None = None
 
     # -- the compose CLI --------------------------------------------------------------------------------
 
     def compose_cmd(self, *args: str, timeout: float = 900) -> str:
-        base = [*self.compose, "--env-file", str(self.env_file), "-f", str(COMPOSE_FILE), "--profile", "cpu"]
+        base = [*self.compose, "--env-file", str(self.env_file)]
+        base += [arg for f in self.files for arg in ("-f", str(f))]
+        base += [arg for p in self.profiles for arg in ("--profile", p)]
         return run([*base, *args], timeout=timeout, env=compose_environment())
 
     def build(self, service: str) -> None:
@@ -68,8 +74,8 @@ class Stack:
     def up(self, *services: str, no_deps: bool = False) -> None:
         self.compose_cmd("up", "-d", *(["--no-deps"] if no_deps else []), *(services or self.services))
 
-    def down(self, *, volumes: bool = False) -> None:
-        self.compose_cmd("down", "-t", "5", *(["-v"] if volumes else []))
+    def down(self, *services: str, volumes: bool = False) -> None:
+        self.compose_cmd("down", "-t", "5", *(["-v"] if volumes else []), *services)
 
     # -- the engine CLI ---------------------------------------------------------------------------------
 
@@ -158,7 +164,10 @@ def compose_environment() -> dict[str, str]:
     STOPGATE_AUTH=off and STOPGATE_EVAL_SHARE=0 for the in-process tests: passed on, they would
     silently turn the stack's authentication off (found by the first run of these tests).
     """
-    names = set(re.findall(r"\$\{(\w+)", COMPOSE_FILE.read_text())) | {"COMPOSE_PROFILES", "COMPOSE_PROJECT_NAME"}
+    names = {n for f in (COMPOSE_FILE, SCALE_FILE) for n in re.findall(r"\$\{(\w+)", f.read_text())} | {
+        "COMPOSE_PROFILES",
+        "COMPOSE_PROJECT_NAME",
+    }
     return {k: v for k, v in os.environ.items() if k not in names and not k.startswith("STOPGATE_")}
 
 

@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,16 @@ import pytest
 import yaml
 
 from tests.deploy.stack import DeployError, HealthScheduler, Stack, needs_health_scheduler
-from tests.test_deploy import DOCKER, PROMETHEUS_YML, dashboard_panels, load_compose, substitute, traffic
+from tests.test_deploy import (
+    DOCKER,
+    PROMETHEUS_YML,
+    dashboard_panels,
+    load_compose,
+    reference_items,
+    substitute,
+    traffic,
+)
+from tests.test_scale_deploy import load_scale_compose
 
 pytestmark = [
     pytest.mark.deploy,
@@ -54,6 +63,10 @@ ENGINE = "vllm-cpu"
 CPU_SERVICES = [n for n, s in load_compose()["services"].items() if s.get("profiles", ["cpu"]) == ["cpu"]]
 # Grafana is not packaged for Debian, so it has no stand-in image: everything else in the profile runs.
 RUN_SERVICES = [n for n in CPU_SERVICES if n != "grafana"]
+# docker/compose.scale.yaml's services (profile `scale`): Redis, two gateway replicas, HAProxy.
+REFERENCE_SETS = ("arith-dev.jsonl", "arith-test.jsonl", "arith-train.jsonl")
+SCALE_SERVICES = list(load_scale_compose()["services"])
+REPLICAS = [n for n, s in load_scale_compose()["services"].items() if "STOPGATE_STATE_URL" in s.get("environment", {})]
 
 
 def free_port() -> int:
@@ -71,6 +84,12 @@ class Deployment:
     admin_key: str
     client_key: str
     env_file: Path
+    # The same project with compose.scale.yaml on top (issue 18): its `down` takes the replicas down too.
+    scale_stack: Stack
+    lb_url: str
+    # The replicas' anonymous volumes (the image's VOLUME /var/lib/stopgate, unused with Redis): the down test's
+    # `down` without -v orphans them, so the final `down -v` cannot find them through their containers.
+    anonymous_volumes: list[str] = field(default_factory=list)
 
     def client(self) -> httpx.Client:
         headers = {"authorization": f"Bearer {self.client_key}"}
@@ -123,7 +142,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     digest = hashlib.sha256(client_key.encode()).hexdigest()
     keys.write_text(yaml.safe_dump({"keys": [{"name": "deploy-test", "sha256": digest, "routes": ["*"]}]}))
     keys.chmod(0o644)
-    gateway_port, prometheus_port = free_port(), free_port()
+    gateway_port, prometheus_port, lb_port = free_port(), free_port(), free_port()
     env_file = directory / ".env"
     env_file.write_text(
         "\n".join(
@@ -138,12 +157,14 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
                 "STOPGATE_EVAL_SHARE=100",
                 f"GATEWAY_PUBLISH=127.0.0.1:{gateway_port}",
                 f"PROMETHEUS_PUBLISH=127.0.0.1:{prometheus_port}",
+                f"SCALE_PUBLISH=127.0.0.1:{lb_port}",
                 "",
             ]
         )
     )
     stack = Stack(env_file, RUN_SERVICES)
-    stack.down(volumes=True)  # whatever a killed earlier run left
+    scale_stack = Stack(env_file, SCALE_SERVICES, scale=True)
+    scale_stack.down(volumes=True)  # whatever a killed earlier run left, the scale-out services included
     started = time.monotonic()
     for service in GATEWAYS:
         stack.build(service)
@@ -155,6 +176,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         admin_key,
         client_key,
         env_file,
+        scale_stack,
+        f"http://127.0.0.1:{lb_port}",
     )
     scheduler = HealthScheduler(stack) if needs_health_scheduler(stack.engine) else None
     try:
@@ -164,7 +187,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     finally:
         if scheduler is not None:
             scheduler.__exit__()
-        stack.down(volumes=True)
+        scale_stack.down(volumes=True)
+        if deployment.anonymous_volumes:
+            stack.podman("volume", "rm", "-f", *deployment.anonymous_volumes, check=False)
 
 
 # -- the image ------------------------------------------------------------------------------------------------
@@ -365,13 +390,134 @@ def test_gateway_killed_with_sigkill_is_restarted_by_policy_with_its_state(
     assert durable(deployment.admin("GET", "/routes/arith")) == saved_state
 
 
+# -- the scale-out profile (issue 18) ------------------------------------------------------------------------
+# docker/compose.scale.yaml on the same project and the engine already running: Redis, two gateway replicas
+# sharing one controller through it, HAProxy in front. The replicas' state is in Redis, not in the gateway's
+# volume, so the frozen state above is untouched; the down test below takes these services down too.
+
+
+def replica_json(stack: Stack, service: str, path: str) -> Any:
+    """GET a replica's own port from inside its container (the replicas publish no port; HAProxy picks one)."""
+    probe = (
+        "import os, sys, urllib.request as u; "
+        "r = u.Request('http://127.0.0.1:8000' + sys.argv[1], "
+        "headers={'authorization': 'Bearer ' + os.environ['STOPGATE_ADMIN_KEY']}); "
+        "print(u.urlopen(r, timeout=10).read().decode())"
+    )
+    try:
+        out = stack.exec_output(service, "python", "-c", probe, path)
+    except DeployError as exc:  # not an AssertionError here: Stack.wait retries it (a replica restarting)
+        raise RuntimeError(str(exc)) from None
+    return out if path == "/metrics" else yaml.safe_load(out)
+
+
+def requests_answered(stack: Stack, service: str) -> float:
+    lines = replica_json(stack, service, "/metrics").splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith("stopgate_requests_total{"))
+
+
+def gold_requests(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Gold samples at the controller's settings (no overrides), as tests/test_fleet.py sends them."""
+    return [{"model": "tinyreason", "temperature": 0, "prompt": i["prompt"], "reference_id": i["id"]} for i in items]
+
+
+def post_all(deployment: Deployment, bodies: list[dict[str, Any]]) -> list[int]:
+    headers = {"authorization": f"Bearer {deployment.client_key}"}
+    with (
+        httpx.Client(base_url=deployment.lb_url, headers=headers, timeout=180) as client,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        return list(pool.map(lambda body: client.post("/v1/completions", json=body).status_code, bodies))
+
+
+def fleet_agrees(deployment: Deployment, gold: int | None = None) -> dict[str, Any]:
+    """Wait until every replica reports Redis up, one leader (one of them) and the same sample counts
+    (with ``gold`` gold samples, when given); the first replica's report."""
+    stack = deployment.scale_stack
+    seen: list[list[dict[str, Any]]] = []
+
+    def agreed() -> bool:
+        states = [replica_json(stack, r, "/admin/routes/arith") for r in REPLICAS]
+        seen.append(states)
+        fleets = [s["fleet"] for s in states]
+        return (
+            all(f["redis"] == "up" for f in fleets)
+            and len({f["leader"] for f in fleets}) == 1
+            and fleets[0]["leader"] in {f["replica"] for f in fleets}
+            and all(s["samples"] == states[0]["samples"] for s in states)
+            and (gold is None or states[0]["samples"]["gold"] == gold)
+        )
+
+    try:
+        stack.wait(f"both replicas to report one leader and the same samples ({gold=})", agreed, 300, REPLICAS[0])
+    except DeployError as exc:
+        last = [(s["fleet"], s["samples"]) for s in seen[-1]] if seen else None
+        raise DeployError(f"{exc}\nlast reports: {last}") from None
+    return dict(seen[-1][0])
+
+
+@pytest.fixture(scope="module")
+def scale(deployment: Deployment) -> Deployment:
+    """The scale-out services up beside the CPU profile, on its running engine, with HAProxy answering /ready."""
+    stack = deployment.scale_stack
+    started = time.monotonic()
+    stack.up(*SCALE_SERVICES, no_deps=True)
+    for replica in REPLICAS:
+        mounts = stack.inspect(replica)["Mounts"]
+        deployment.anonymous_volumes += [
+            m["Name"] for m in mounts if m["Type"] == "volume" and m["Destination"] == STATE_DIR
+        ]
+    for service in SCALE_SERVICES:
+        stack.wait_healthy(service, GATEWAY_START_S)
+    url = f"{deployment.lb_url}/ready"
+    stack.wait("HAProxy to answer /ready with 200", lambda: httpx.get(url, timeout=10).status_code == 200, 120, "lb")
+    print(f"\n[deploy] scale-out services up in {time.monotonic() - started:.0f} s")
+    return deployment
+
+
+def test_scale_completions_through_haproxy_are_200_and_reach_both_replicas(scale: Deployment) -> None:
+    stack = scale.scale_stack
+    before = {r: requests_answered(stack, r) for r in REPLICAS}
+    # Prompts no reference set holds (a held one would be a gold sample, which the next test counts).
+    known = {i["prompt"] for name in REFERENCE_SETS for i in reference_items(name)}
+    prompts = [p for p in (f"Q: {n}+{n}+{n}+{n + 1}=?\n" for n in range(40)) if p not in known][:6]
+    body = {"model": "tinyreason", "temperature": 0, "stopgate": {"policy": "budget", "budget": 8}}
+    statuses = post_all(scale, [{**body, "prompt": p} for p in prompts])
+    assert statuses == [200] * 6
+    answered = {r: requests_answered(stack, r) - before[r] for r in REPLICAS}
+    assert sum(answered.values()) == 6 and all(n > 0 for n in answered.values()), answered
+
+
+def test_scale_replicas_report_one_leader_and_the_same_sample_counts_after_gold_traffic(scale: Deployment) -> None:
+    before = fleet_agrees(scale)["samples"]["gold"]
+    assert post_all(scale, gold_requests(reference_items("arith-dev.jsonl")[:4])) == [200] * 4
+    fleet_agrees(scale, gold=before + 4)  # each gold request counted once, whichever replica served it
+
+
+def test_scale_redis_stopped_keeps_requests_200_and_the_counts_catch_up_after_it_starts(scale: Deployment) -> None:
+    stack = scale.scale_stack
+    before = fleet_agrees(scale)["samples"]["gold"]
+    stack.compose_cmd("stop", "-t", "5", "redis")
+
+    def redis_down() -> bool:
+        return all(replica_json(stack, r, "/admin/routes/arith")["fleet"]["redis"] == "down" for r in REPLICAS)
+
+    stack.wait("both replicas to see Redis down", redis_down, 120, REPLICAS[0])
+    assert post_all(scale, gold_requests(reference_items("arith-dev.jsonl")[4:8])) == [200] * 4
+    buffered = sum(replica_json(stack, r, "/admin/routes/arith")["fleet"]["buffered"] for r in REPLICAS)
+    assert buffered >= 4, f"{buffered} samples buffered while Redis is down"  # the gold ones, and any shadow
+    stack.compose_cmd("start", "redis")
+    stack.wait_healthy("redis", GATEWAY_START_S)
+    fleet_agrees(scale, gold=before + 4)  # the buffered samples appended once each and folded by the one leader
+
+
 def test_down_stops_everything_and_a_second_up_reuses_the_images_and_the_volume(
     deployment: Deployment, saved_state: dict[str, Any]
 ) -> None:
     stack = deployment.stack
     images = {s: stack.inspect(s)["Image"] for s in RUN_SERVICES}
     all_images = set(stack.podman("images", "-q", "--no-trunc").split())
-    stack.down()
+    deployment.scale_stack.down()  # with compose.scale.yaml: the scale-out services go down with the rest
     assert stack.containers() == [], "compose down left containers"
     started = time.monotonic()
     stack.up()
