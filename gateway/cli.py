@@ -20,10 +20,10 @@ from types import FrameType
 from pydantic import ValidationError
 
 from gateway import demo
-from gateway.auth import build_authenticator
 from gateway.control.store import StoreError
-from gateway.engine import EmbeddedEngine, EngineStartError, port_in_use
-from gateway.httpguard import ConnectionLimits, effective_max_connections, guarded_protocol
+from gateway.engine.embedded import EmbeddedEngine, EngineStartError, port_in_use
+from gateway.http.auth import build_authenticator
+from gateway.http.guard import ConnectionLimits, effective_max_connections, guarded_protocol
 from gateway.settings import ConfigError, EngineSettings, Settings, build_settings
 
 log = logging.getLogger("stopgate")
@@ -155,7 +155,7 @@ def start_engine(settings: EngineSettings) -> EmbeddedEngine:
 def _run_uvicorn(settings: Settings) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.http.app import create_app
 
     app = create_app(settings)
     limits = ConnectionLimits(
@@ -179,7 +179,7 @@ def _run_uvicorn(settings: Settings) -> int:
         # The stdlib loop, not uvloop: under uvloop, 200 clients leaving at once went unnoticed and their
         # engine requests ran to the end (tests/test_faults.py); under asyncio each one aborts.
         loop="asyncio",
-        # httptools with header, timeout and connection limits (gateway/httpguard.py); no `server: uvicorn`.
+        # httptools with header, timeout and connection limits (gateway/http/guard.py); no `server: uvicorn`.
         http=guarded_protocol(limits),
         server_header=False,
     )

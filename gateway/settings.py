@@ -108,7 +108,7 @@ class RouteConfig(BaseModel):
     reasoning_parser: bool = False
     probe_suffix: str = Field(default="</think>\n####", min_length=1)
     answer_suffix: str = Field(default="</think>\n####", min_length=1)
-    # How chat probes and forced answers continue the reasoning (gateway/rendered.py): "message" as a partial
+    # How chat probes and forced answers continue the reasoning (gateway/stopping/rendered.py): "message" as a partial
     # assistant message (continue_final_message), "rendered" on /v1/completions with the prompt the engine's chat
     # template renders (/tokenize, /detokenize), for templates that strip reasoning from assistant turns; "auto":
     # message until the engine refuses it, then rendered.
@@ -120,7 +120,7 @@ class RouteConfig(BaseModel):
     forced_max_tokens: int = Field(default=16, ge=1, le=1024)
     max_probes: int = Field(default=16, ge=0, le=256)
     max_inflight_probes: int = Field(default=2, ge=1, le=16)
-    # Engine fields that are the gateway's to set (gateway/fields.py: priority, ignore_eos) which clients of
+    # Engine fields that are the gateway's to set (gateway/openai/fields.py: priority, ignore_eos) which clients of
     # this route may send anyway.
     client_fields: tuple[str, ...] = ()
     # Live requests of this route at once (None: only the gateway-wide max_in_flight applies).
@@ -289,7 +289,7 @@ class Settings(BaseSettings):
     upstream_retries: int = Field(default=1, ge=0, le=5)
     max_upstream_connections: int = Field(default=2048, ge=1)
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
-    # The HTTP server's own limits (gateway/httpguard.py): a request's line and headers in bytes and
+    # The HTTP server's own limits (gateway/http/guard.py): a request's line and headers in bytes and
     # fields (431 past either), time from a connection's first byte to the end of the headers (408), time
     # to read a request body (408), and open client connections (0: as many as the descriptor limit allows
     # beside the engine connections; one more gets 503 and is closed).
@@ -299,16 +299,16 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=0, ge=0)
     max_n: int = Field(default=8, ge=1)
-    # The cost bound (gateway/cost.py): engine tokens per request (main stream, every choice and prompt,
+    # The cost bound (gateway/stopping/cost.py): engine tokens per request (main stream, every choice and prompt,
     # probes, forced answer, ensemble samples) at most this multiple of the request's own max_tokens.
     max_cost_multiple: float = Field(default=16.0, ge=1.0, le=1024.0)
     # Samples one ensemble request may draw (its max_samples; also bounds wave).
     max_ensemble_samples: int = Field(default=8, ge=1, le=256)
-    # Prompts in one batched /v1/completions request (gateway/fields.py has the other field bounds).
+    # Prompts in one batched /v1/completions request (gateway/openai/fields.py has the other field bounds).
     max_batch_prompts: int = Field(default=16, ge=1, le=4096)
     log_level: str = "info"
 
-    # Client authentication: "keys" needs api_keys_file (gateway/auth.py); "off" only when set explicitly.
+    # Client authentication: "keys" needs api_keys_file (gateway/http/auth.py); "off" only when set explicitly.
     auth: Literal["keys", "off"] = "keys"
     api_keys_file: Path | None = None
     # Backpressure: past this many live requests in flight the gateway answers 429 with Retry-After.

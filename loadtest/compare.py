@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from gateway.evaluation import ReferenceItem, exact_match, get_extractor, get_normalizer, load_reference_file
 from loadtest.common import REPO, embedded_gateway, pareto_frontier, percentile, wilson
 

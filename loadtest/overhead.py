@@ -34,7 +34,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from loadtest.common import EMBEDDED_ENV
 
 try:  # the client's own cost lands on the same CPUs as the servers; uvloop keeps it small
@@ -69,7 +69,7 @@ class Sample:
 
 
 def targets(engine: str, gateway: str, tokens: int, *, stream: bool) -> tuple[Target, Target]:
-    """Direct gets the body that gateway/serving.py:upstream_body would send; gateway gets a client's."""
+    """Direct gets the body that gateway/stopping/session.py:upstream_body would send; gateway gets a client's."""
     client = {"model": MODEL, "prompt": PROMPT, "max_tokens": tokens, "stream": stream}
     upstream = {**client, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     return (

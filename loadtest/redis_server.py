@@ -15,7 +15,7 @@ from pathlib import Path
 
 import redis
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 
 
 class RedisServer:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 

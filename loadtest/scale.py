@@ -39,7 +39,7 @@ from typing import Any
 import httpx
 import yaml
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from loadtest.common import percentile
 from loadtest.redis_server import RedisServer
 from loadtest.replicas import REPO, Child, _spawn, haproxy, replica, wait_http

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from loadtest.common import EMBEDDED_ENV, REPO, Prompt, UsageError, check_loopback, embedded_gateway, load_prompts
 from loadtest.load import LoadConfig, Target, preflight, run_load
 from loadtest.stats import em_summary, pyplot, step_summaries

@@ -56,7 +56,7 @@ from typing import Any
 
 import httpx
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from loadtest.common import EMBEDDED_ENV
 from loadtest.overhead import Popen, child
 from loadtest.soak_client import client_main

@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 import yaml
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from gateway.evaluation import exact_match, get_extractor, get_normalizer
 from gateway.settings import DEFAULT_ROUTES, ConfigError, RouteConfig, load_routes
 from loadtest.common import (

@@ -18,10 +18,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
-from gateway.engine import EmbeddedEngine, free_port
+from gateway.engine.embedded import EmbeddedEngine, free_port
+from gateway.http.app import create_app
+from gateway.http.server import serve_in_thread
 from gateway.settings import EngineSettings, Settings
-from gateway.threaded import serve_in_thread
 from loadtest.fake_engine import FakeEngine
 
 REPO = Path(__file__).resolve().parent.parent

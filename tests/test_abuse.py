@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from loadtest.fake_engine import FakeEngine, Script
 from tests.test_errors_and_cancellation import wait_until
 
@@ -141,7 +141,7 @@ def post(url: str, timeout: float = 60, **body: Any) -> httpx.Response:
 
 @pytest.fixture
 def engine() -> Iterator[tuple[FakeEngine, str]]:
-    from gateway.threaded import serve_in_thread
+    from gateway.http.server import serve_in_thread
 
     fake = FakeEngine()
     with serve_in_thread(fake) as url:

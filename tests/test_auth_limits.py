@@ -16,8 +16,8 @@ import httpx
 import pytest
 import yaml
 
-from gateway.app import create_app
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
+from gateway.http.app import create_app
 from gateway.settings import ConfigError, Settings
 from loadtest.fake_engine import FakeEngine, Script
 from tests.test_cli import assert_clean_failure, run_cli

@@ -8,9 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.balancer import Breaker
-from gateway.engine import free_port
-from gateway.threaded import serve_in_thread
+from gateway.engine.embedded import free_port
+from gateway.engine.pool import Breaker
+from gateway.http.server import serve_in_thread
 from loadtest.fake_engine import FakeEngine, Script
 from tests.test_errors_and_cancellation import assert_openai_error
 from tests.test_proxy import sse_events

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.engine import EmbeddedEngine, free_port
+from gateway.engine.embedded import EmbeddedEngine, free_port
 from gateway.settings import EngineSettings
 from loadtest.fake_engine import FakeEngine
 

@@ -13,10 +13,10 @@ import yaml
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from gateway.app import create_app
-from gateway.engine import EmbeddedEngine
+from gateway.engine.embedded import EmbeddedEngine
+from gateway.http.app import create_app
+from gateway.http.server import serve_in_thread
 from gateway.settings import Settings
-from gateway.threaded import serve_in_thread
 
 pytestmark = pytest.mark.engine
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.toplogprobs import logprob_request, token_choices
+from gateway.openai.logprobs import logprob_request, token_choices
 from loadtest.cues import candidates, gold_end, make_trace, mine, rank, score, snippet
 from policies.base import CONTINUE, PolicyError, TokenChoice, TokenEvent, stop
 from policies.brake import BrakePolicy

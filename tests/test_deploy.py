@@ -28,11 +28,11 @@ import yaml
 from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
-from gateway.app import create_app
-from gateway.engine import EmbeddedEngine, engine_command, free_port
+from gateway.engine.embedded import EmbeddedEngine, engine_command, free_port
+from gateway.http.app import create_app
+from gateway.http.server import serve_in_thread
 from gateway.metrics import Metrics
 from gateway.settings import DEFAULT_ROUTES, EngineSettings, Settings
-from gateway.threaded import serve_in_thread
 
 REPO = Path(__file__).resolve().parent.parent
 DOCKER = REPO / "docker"
@@ -218,7 +218,7 @@ def test_every_long_running_service_has_a_healthcheck_and_the_gateway_waits_for_
 
 
 def test_cpu_engine_runs_with_the_flags_of_the_embedded_engine() -> None:
-    """docker/compose.yaml's vllm-cpu must not drift from gateway/engine.py (issue 6)."""
+    """docker/compose.yaml's vllm-cpu must not drift from gateway/engine/embedded.py (issue 6)."""
     embedded = engine_command(EngineSettings(), port=8000)
     flags = embedded[embedded.index("--served-model-name") :]
     flags[flags.index("--host") + 1] = "0.0.0.0"

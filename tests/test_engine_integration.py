@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.engine import EmbeddedEngine
+from gateway.engine.embedded import EmbeddedEngine
 
 pytestmark = pytest.mark.engine
 

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.protocol import CompletionRequest
-from gateway.serving import Generation, RequestContext
+from gateway.engine.client import Upstream
+from gateway.openai.protocol import CompletionRequest
 from gateway.settings import RouteConfig
-from gateway.upstream import Upstream
+from gateway.stopping.session import Generation, RequestContext
 from loadtest.fake_engine import FakeEngine, Script
 from tests.test_proxy import sse_events
 
@@ -229,7 +229,7 @@ def test_event_stream_body_is_cancelled_when_the_client_leaves_under_any_asgi_ve
 
     The gateway's own stream response must still cancel the body (that closes the engine request).
     """
-    from gateway.sse import EventStreamResponse
+    from gateway.openai.sse import EventStreamResponse
 
     produced: list[int] = []
     closed = asyncio.Event()
@@ -265,7 +265,7 @@ def test_event_stream_body_is_cancelled_when_the_client_leaves_under_any_asgi_ve
 
 
 def test_event_stream_sends_every_event_then_ends_the_body() -> None:
-    from gateway.sse import EventStreamResponse
+    from gateway.openai.sse import EventStreamResponse
 
     async def body() -> Any:
         for i in range(3):

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from loadtest.fake_engine import FakeEngine, Script
 from tests.test_control_plane import ADMIN, KEY, routes_file
 from tests.test_errors_and_cancellation import wait_until

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from gateway.engine import EmbeddedEngine
+from gateway.engine.embedded import EmbeddedEngine
 from loadtest.redis_server import RedisServer
 from loadtest.replicas import Child, replica, wait_http
 from tests.test_fleet import ADMIN, KEY

@@ -294,7 +294,7 @@ def test_shutdown_appends_the_samples_of_evaluation_runs_that_finish_while_it_dr
 ) -> None:
     """Regression (issue 18 review): the fleet's last flush ran before the plane's tasks were drained,
     so a shadow run that finished during shutdown handed in a sample nobody appended."""
-    from gateway.app import close_control
+    from gateway.http.app import close_control
 
     async def go() -> None:
         async with replica(redis_server, prefix, tmp_path, "a") as a:

@@ -25,7 +25,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway import cli
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 from loadtest import load, load_cli, serving, tune
 from loadtest.common import Prompt, pareto_frontier, percentile, wilson
 from loadtest.fake_engine import FakeEngine

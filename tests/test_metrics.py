@@ -179,7 +179,7 @@ def test_a_failing_metric_update_never_fails_the_request(gateway: Any, monkeypat
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("metrics backend broke")
 
-    from gateway import api
+    from gateway.http import api
 
     monkeypatch.setattr(api, "_observe", broken)
     r = httpx.post(f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x"}, timeout=10)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from gateway.evaluation import exact_match, extract_gsm8k, normalize_number, normalize_text
 from gateway.evaluation.matching import normalize_prompt, prompt_key
-from gateway.sse import SSEDecoder, encode
+from gateway.openai.sse import SSEDecoder, encode
 from policies.base import Action, ProbeResult, TokenEvent
 from policies.registry import build_policy
 

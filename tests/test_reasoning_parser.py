@@ -15,8 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.chunks import ChunkParser, ResponseBuilder
-from gateway.engine import engine_command
+from gateway.engine.embedded import engine_command
+from gateway.openai.chunks import ChunkParser, ResponseBuilder
 from gateway.settings import EngineSettings
 from loadtest.fake_engine import FakeEngine, Script
 from tests import test_session

@@ -89,7 +89,7 @@ def test_open_store_refuses_a_redis_url_and_names_state_url(redis_server: RedisS
 
 def test_unreachable_redis_is_a_store_error_naming_the_url_without_its_password() -> None:
     from gateway.control.store import StoreError
-    from gateway.engine import free_port
+    from gateway.engine.embedded import free_port
 
     with pytest.raises(StoreError, match=r"redis://\*\*\*@127.0.0.1:\d+/0: cannot reach Redis") as info:
         RedisStore(f"redis://user:s3cret@127.0.0.1:{free_port()}/0")
@@ -259,7 +259,7 @@ def test_serve_with_an_unreachable_redis_exits_with_one_line_naming_it() -> None
     import subprocess
     import sys
 
-    from gateway.engine import free_port
+    from gateway.engine.embedded import free_port
 
     env = {**os.environ, "STOPGATE_STATE_URL": f"redis://127.0.0.1:{free_port()}/0"}
     result = subprocess.run(

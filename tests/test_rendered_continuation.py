@@ -14,12 +14,12 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.balancer import UpstreamPool
-from gateway.engine import free_port
+from gateway.engine.client import Upstream
+from gateway.engine.embedded import free_port
+from gateway.engine.pool import UpstreamPool
 from gateway.errors import UpstreamRejected
+from gateway.http.server import serve_in_thread
 from gateway.settings import ConfigError, load_routes
-from gateway.threaded import serve_in_thread
-from gateway.upstream import Upstream
 from loadtest.fake_engine import FakeEngine, Script, render_chat
 from tests import test_session
 from tests.test_errors_and_cancellation import wait_until

@@ -20,9 +20,9 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.app import create_app
+from gateway.http.app import create_app
+from gateway.http.server import serve_in_thread
 from gateway.settings import Settings
-from gateway.threaded import serve_in_thread
 from loadtest.reasoning_em import measure
 from tests.conftest import ServedGateway
 from tests.test_engine_integration import LONG

@@ -13,9 +13,9 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from gateway.app import create_app
+from gateway.http.app import create_app
+from gateway.http.server import serve_in_thread
 from gateway.settings import Settings
-from gateway.threaded import serve_in_thread
 from loadtest.fake_engine import FakeEngine
 from tests.test_auth_limits import KEY_ALL, keys_file, two_routes
 

@@ -484,3 +484,13 @@ def state_from_dict(data: Mapping[str, Any]) -> ControllerState:
         if name in values:
             values[name] = tuple(bool(x) for x in values[name])
     return ControllerState(**values)
+
+
+@dataclass(frozen=True)
+class Controlled:
+    """The stopping settings a route's controller has in force (what a request runs with)."""
+
+    budget: int
+    level: int = 0
+    param: str | None = None  # the strictness parameter, if the route names one
+    value: Any = None

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.control.controller import (
+    Controlled,
     ControllerConfig,
     ControllerState,
     Sample,
@@ -54,6 +55,7 @@ from gateway.control.controller import (
 )
 from gateway.control.shared import Shared, Versioned, unavailable_if_shared
 from gateway.control.store import SampleRecord, Store
+from gateway.engine.client import EngineClient
 from gateway.errors import GatewayError, InvalidRequest, NotFound
 from gateway.evaluation import (
     ReferenceItem,
@@ -67,10 +69,9 @@ from gateway.evaluation import (
 )
 from gateway.evaluation.matching import ReferenceIndex, item_key, request_key, steering_override
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
-from gateway.serving import Controlled, Generation, RequestContext
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import ConfigError, RouteConfig, RoutesConfig, Settings
-from gateway.upstream import EngineClient
+from gateway.stopping.session import Generation, RequestContext
 
 log = logging.getLogger("stopgate.control")
 
@@ -179,7 +180,7 @@ class ControlPlane:
         # Set when replicas share a Redis store: samples then go to the shared log, and the route's
         # leader (whichever replica holds its lease) steps the controller.
         self.fleet: Shared | None = None
-        self.upload_lock = asyncio.Lock()  # uploads run in a worker thread, one at a time (gateway/admin.py)
+        self.upload_lock = asyncio.Lock()  # uploads run in a worker thread, one at a time (gateway/http/admin.py)
         for route in routes.routes:
             config = controller_config(route) if route.control is not None and route.control.enabled else None
             state = None

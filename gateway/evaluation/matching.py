@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.evaluation.references import ReferenceItem, ReferenceSet
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 __all__ = ["ReferenceIndex", "messages_key", "normalize_prompt", "prompt_key", "request_key", "steering_override"]
 

@@ -16,10 +16,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from gateway import sse
-from gateway.chunks import ResponseBuilder
 from gateway.control.plane import choice_text
-from gateway.ensemble import EnsembleGeneration, is_ensemble
+from gateway.engine.client import EngineClient
 from gateway.errors import (
     ClientClosed,
     GatewayError,
@@ -30,13 +28,22 @@ from gateway.errors import (
     internal_error,
 )
 from gateway.evaluation import ReferenceItem
-from gateway.fields import check_client_fields
+from gateway.http.admission import Ticket
+from gateway.http.openapi import errors, json_body
+from gateway.http.services import Services
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
-from gateway.openapi import errors, json_body
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, parse_json_body, validate_request
-from gateway.services import Services, Ticket
-from gateway.serving import Generation, RequestContext
-from gateway.upstream import EngineClient
+from gateway.openai import sse
+from gateway.openai.chunks import ResponseBuilder
+from gateway.openai.fields import check_client_fields
+from gateway.openai.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    Endpoint,
+    parse_json_body,
+    validate_request,
+)
+from gateway.stopping.ensemble import EnsembleGeneration, is_ensemble
+from gateway.stopping.session import Generation, RequestContext
 
 AnyGeneration = Generation | EnsembleGeneration
 

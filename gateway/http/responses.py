@@ -34,16 +34,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from gateway.api import _services, _with_cancellation, read_body, request_id_of
+from gateway.engine.client import RESPONSE_END_EVENTS
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded, UpstreamError
-from gateway.fields import GATEWAY_FIELDS, MAX_LOGPROBS
+from gateway.http.admission import Ticket
+from gateway.http.api import _services, _with_cancellation, read_body, request_id_of
+from gateway.http.openapi import errors, json_body
+from gateway.http.services import Services
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
-from gateway.openapi import errors, json_body
-from gateway.protocol import PositiveInt, parse_json_body
-from gateway.services import Services, Ticket
+from gateway.openai.fields import GATEWAY_FIELDS, MAX_LOGPROBS
+from gateway.openai.protocol import PositiveInt, parse_json_body
+from gateway.openai.sse import EventStreamResponse
 from gateway.settings import RouteConfig
-from gateway.sse import EventStreamResponse
-from gateway.upstream import RESPONSE_END_EVENTS
 
 router = APIRouter()
 PATH = "/v1/responses"
@@ -117,7 +118,7 @@ def _check_sizes(req: ResponsesRequest, route: RouteConfig, max_prompt_chars: in
 
 
 def _check_engine_fields(body: dict[str, Any]) -> None:
-    """The engine fields completions bound (gateway/fields.py) are bounded here too (issue 14)."""
+    """The engine fields completions bound (gateway/openai/fields.py) are bounded here too (issue 14)."""
     for name in sorted(GATEWAY_FIELDS & set(body)):
         raise InvalidRequest(f"'{name}' is set by the gateway, not by clients.", param=name)
     top = body.get("top_logprobs")

@@ -79,7 +79,7 @@ def engine_command(settings: EngineSettings, port: int) -> list[str]:
         config = {"reasoning_start_str": settings.think_open, "reasoning_end_str": settings.think_close}
         cmd += ["--reasoning-config", json.dumps(config)]
     if settings.reasoning_parser:
-        # Chat then carries the thinking in `reasoning`; the gateway reads it there (gateway/serving.py).
+        # Chat then carries the thinking in `reasoning`; the gateway reads it there (gateway/stopping/session.py).
         cmd += ["--reasoning-parser", settings.reasoning_parser]
     if settings.enforce_eager:
         cmd.append("--enforce-eager")

@@ -21,7 +21,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.sse import DONE, iter_sse_data
+from gateway.openai.sse import DONE, iter_sse_data
 
 _MAX_ERROR_BODY = 64 * 1024
 

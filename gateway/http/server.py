@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from gateway.engine import free_port
+from gateway.engine.embedded import free_port
 
 
 @contextmanager

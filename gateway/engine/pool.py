@@ -31,8 +31,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.engine.client import Upstream
 from gateway.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
-from gateway.upstream import Upstream
 
 log = logging.getLogger("stopgate.upstream")
 

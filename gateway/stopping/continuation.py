@@ -9,7 +9,7 @@ They respect the prompt format of the request they continue:
   (vLLM's ``continue_final_message`` with ``add_generation_prompt`` off).
 
 (For chat templates that strip the reasoning from assistant turns, the route's
-``continuation: rendered`` continues on the rendered prompt instead: gateway/rendered.py.)
+``continuation: rendered`` continues on the rendered prompt instead: gateway/stopping/rendered.py.)
 
 Nothing here knows a model's template: delimiters and suffixes are route
 settings.
@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.chunks import REASONING_FIELDS, reasoning_of
 from gateway.errors import InvalidRequest
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.openai.chunks import REASONING_FIELDS, reasoning_of
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 # Sampling fields a continuation inherits from the client's request.
 _SAMPLING = ("temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty", "presence_penalty")

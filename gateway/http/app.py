@@ -14,24 +14,24 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gateway import openapi
-from gateway.admin import has_admin_key
-from gateway.admin import router as admin_router
-from gateway.api import router
-from gateway.auth import build_authenticator
-from gateway.balancer import UpstreamPool
 from gateway.control.fleet import Fleet, join_fleet
 from gateway.control.plane import ControlPlane
 from gateway.control.store import Store, open_store
+from gateway.engine.client import Upstream
+from gateway.engine.pool import UpstreamPool
 from gateway.errors import GatewayError, InvalidRequest, internal_error
-from gateway.httpguard import rate_limited_exception_handler
+from gateway.http import openapi
+from gateway.http.admin import has_admin_key
+from gateway.http.admin import router as admin_router
+from gateway.http.api import router
+from gateway.http.auth import build_authenticator
+from gateway.http.guard import rate_limited_exception_handler
+from gateway.http.responses import ResponsesRequest
+from gateway.http.responses import router as responses_router
+from gateway.http.services import Services
 from gateway.metrics import Metrics
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
-from gateway.responses import ResponsesRequest
-from gateway.responses import router as responses_router
-from gateway.services import Services
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.settings import ConfigError, Settings
-from gateway.upstream import Upstream
 
 log = logging.getLogger("stopgate")
 

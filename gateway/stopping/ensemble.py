@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 from dataclasses import fields
 from typing import Any
 
-from gateway.chunks import ResponseBuilder
-from gateway.cost import COST_STOP, CostMeter
+from gateway.engine.client import EngineClient
 from gateway.errors import InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
-from gateway.probes import Probes
-from gateway.protocol import StopgateOptions
-from gateway.serving import (
+from gateway.openai.chunks import ResponseBuilder
+from gateway.openai.protocol import StopgateOptions
+from gateway.stopping.cost import COST_STOP, CostMeter
+from gateway.stopping.probes import Probes
+from gateway.stopping.session import (
     Accounting,
     Generation,
     RequestContext,
@@ -29,7 +30,6 @@ from gateway.serving import (
     policy_param,
     resolve_stop_spec,
 )
-from gateway.upstream import EngineClient
 from policies.base import PolicyError
 from policies.ensemble import EnsembleParams, Verdict, judge, weighted_judge
 from policies.registry import ensemble_params

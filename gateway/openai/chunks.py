@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.protocol import Endpoint
+from gateway.openai.protocol import Endpoint
 
 
 @dataclass(frozen=True)

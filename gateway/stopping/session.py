@@ -32,18 +32,21 @@ from typing import Any
 
 import anyio
 
-from gateway.accounting import Accounting as Accounting  # re-exported: gateway/ensemble.py imports it here
-from gateway.chunks import ChoiceDelta, ChunkParser
-from gateway.continuation import as_answer, split_suffix, text_prompt, token_logprobs
-from gateway.cost import COST_STOP, CostMeter, sequences
+from gateway.control.controller import Controlled
+from gateway.engine.client import EngineClient
 from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
-from gateway.probes import Probes
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
-from gateway.rendered import Continuer
+from gateway.openai.chunks import ChoiceDelta, ChunkParser
+from gateway.openai.logprobs import merged_request, token_choices, trim
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
-from gateway.toplogprobs import merged_request, token_choices, trim
-from gateway.upstream import EngineClient
+from gateway.stopping.accounting import (
+    Accounting as Accounting,  # re-exported: gateway/stopping/ensemble.py imports it here
+)
+from gateway.stopping.continuation import as_answer, split_suffix, text_prompt, token_logprobs
+from gateway.stopping.cost import COST_STOP, CostMeter, sequences
+from gateway.stopping.probes import Probes
+from gateway.stopping.rendered import Continuer
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
 from policies.brake import BrakePolicy
 from policies.compose import Bounded
@@ -67,16 +70,6 @@ class PolicyFailed(GatewayError):
 
 
 @dataclass(frozen=True)
-class Controlled:
-    """The stopping settings a route's controller has in force (``gateway/control``)."""
-
-    budget: int
-    level: int = 0
-    param: str | None = None  # the strictness parameter, if the route names one
-    value: Any = None
-
-
-@dataclass(frozen=True)
 class RequestContext:
     endpoint: Endpoint
     request: CompletionRequest | ChatCompletionRequest
@@ -85,7 +78,9 @@ class RequestContext:
     max_n: int = 8
     max_probes: int | None = None  # the gateway-wide cap, if tighter than the route's
     controlled: Controlled | None = None  # the controller's settings; the request's override wins
-    max_cost_multiple: float = 16.0  # engine tokens per request, as a multiple of its max_tokens (gateway/cost.py)
+    max_cost_multiple: float = (
+        16.0  # engine tokens per request, as a multiple of its max_tokens (gateway/stopping/cost.py)
+    )
     max_ensemble_samples: int = 8
     cost: CostMeter | None = None  # shared by an ensemble's samples; else the request gets its own
 

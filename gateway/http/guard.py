@@ -20,7 +20,7 @@ subclass of its protocol, which adds:
   the process's limit (``effective_max_connections``).
 
 The body's own timeout is the handler's (``body_timeout_s`` in
-``gateway/api.py``), which can answer in OpenAI's error format.
+``gateway/http/api.py``), which can answer in OpenAI's error format.
 ``rate_limited_exception_handler`` keeps the event loop's own errors (such as
 ``accept()`` out of descriptors) to one log line per key and interval.
 """

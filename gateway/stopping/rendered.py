@@ -4,7 +4,7 @@ A route's ``continuation`` setting picks how chat requests are continued:
 
 * ``message`` (the default): ``/v1/chat/completions`` with the client's
   messages plus a partial assistant message, continued in place
-  (``continue_final_message``; see gateway/continuation.py). It needs a chat
+  (``continue_final_message``; see gateway/stopping/continuation.py). It needs a chat
   template that renders that assistant message verbatim. Templates that
   strip the reasoning from assistant turns (DeepSeek-R1's) make vLLM refuse
   it with a 400: "final message does not appear ...".
@@ -33,11 +33,11 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from gateway.continuation import continuation_body, sampling_body, template_fields
+from gateway.engine.client import EngineClient
 from gateway.errors import UpstreamError, UpstreamRejected
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
-from gateway.upstream import EngineClient
+from gateway.stopping.continuation import continuation_body, sampling_body, template_fields
 
 PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 

@@ -23,13 +23,13 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from gateway.api import read_body
-from gateway.auth import bearer_token
 from gateway.control.plane import ControlPlane
 from gateway.errors import InvalidRequest, NotFound, PayloadTooLarge, Unauthorized
 from gateway.evaluation import ReferenceSetError
-from gateway.openapi import errors, json_body, text_body
-from gateway.protocol import parse_json_body
+from gateway.http.api import read_body
+from gateway.http.auth import bearer_token
+from gateway.http.openapi import errors, json_body, text_body
+from gateway.openai.protocol import parse_json_body
 
 router = APIRouter(prefix="/admin", responses=errors(401, 404))
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.errors import LimitExceeded
-from gateway.fields import prompt_count
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.openai.fields import prompt_count
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 COST_STOP = "cost_limit"
 

