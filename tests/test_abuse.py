@@ -25,7 +25,7 @@ import pytest
 
 from gateway.engine.embedded import free_port
 from loadtest.fake_engine import FakeEngine, Script
-from tests.test_errors_and_cancellation import wait_until
+from tests.support.waiting import wait_until
 
 # Polls GET /health on one kept-alive connection until stdin closes (and 1,000 polls are done); prints the
 # latencies (s) as JSON.

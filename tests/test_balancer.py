@@ -12,8 +12,7 @@ from gateway.engine.embedded import free_port
 from gateway.engine.pool import Breaker
 from gateway.http.server import serve_in_thread
 from loadtest.fake_engine import FakeEngine, Script
-from tests.test_errors_and_cancellation import assert_openai_error
-from tests.test_proxy import sse_events
+from tests.support.wire import assert_openai_error, sse_events
 
 
 class Clock:
