@@ -64,7 +64,8 @@ import httpx
 
 from gateway.evaluation import get_extractor, get_normalizer
 from loadtest.common import REPO, Prompt, UsageError, check_loopback, load_prompts
-from loadtest.load import MAX_REQUESTS, LoadConfig, Target, preflight, run_load
+from loadtest.load_types import MAX_REQUESTS, LoadConfig, Target
+from loadtest.runner import preflight, run_load
 from loadtest.stats import write_outputs
 
 MAX_DURATION_S = 3600.0
@@ -225,3 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print("load: interrupted; the results so far are marked complete: false", file=sys.stderr)
         return 130
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,10 +3,9 @@
 ``LoadConfig`` describes one invocation (targets, steps of rates or concurrencies, bounds);
 ``Runner`` sends the requests, open loop (seeded Poisson arrivals) or closed loop (workers),
 with several targets taking turns in ``block``-second slots, and records each request
-(``loadtest.stats.Record``); ``preflight`` checks the targets first and ``run_load`` runs every
+(``loadtest.load_types.Record``); ``preflight`` checks the targets first and ``run_load`` runs every
 step, stopping early on SIGINT/SIGTERM. The command line, and the documentation of the modes,
-bounds, measures and outputs, are in ``loadtest/load_cli.py``; run it as
-``python -m loadtest.load``.
+bounds, measures and outputs, are in ``loadtest/load.py`` (``python -m loadtest.load``).
 """
 
 from __future__ import annotations
@@ -19,77 +18,14 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
 from gateway.evaluation import exact_match, get_extractor, get_normalizer
 from loadtest.common import Prompt, UsageError
-from loadtest.stats import Record, gaps, print_step
-
-MAX_REQUESTS = 1_000_000
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    url: str  # base URL, no trailing /v1
-    body: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    """One invocation. ``steps[k][i]`` is the rate or concurrency of target ``i`` in step ``k``."""
-
-    targets: tuple[Target, ...]
-    mode: Literal["rate", "concurrency"]
-    steps: tuple[tuple[float, ...], ...]
-    duration_s: float = 10.0
-    requests: int | None = None  # per target and step
-    block_s: float = 2.0
-    drain_s: float = 60.0
-    timeout_s: float = 300.0
-    max_in_flight: int = 256
-    api: Literal["completions", "chat"] = "completions"
-    stream: bool = True
-    model: str = "tinyreason"
-    max_tokens: int | None = None
-    temperature: float | None = 0.0
-    seed: int = 0
-    extractor: str = "gsm8k"
-    extractor_pattern: str | None = None
-    normalizer: str = "number"
-    progress: bool = True
-    api_key: str | None = field(default=None, repr=False)  # sent as a bearer token, never written out
-
-    @property
-    def headers(self) -> dict[str, str]:
-        return {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-
-    def describe(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("targets", "api_key")}
-        out["targets"] = [{"name": t.name, "url": t.url, "body": t.body} for t in self.targets]
-        return out
-
-
-@dataclass
-class StepResult:
-    step: int
-    levels: dict[str, float]
-    seconds: dict[str, float]  # load offered to each target
-    wall_s: float
-
-
-@dataclass
-class LoadResult:
-    config: LoadConfig
-    prompts: int
-    records: list[Record]
-    steps: list[StepResult]
-    complete: bool
-    started: str
-    elapsed_s: float
+from loadtest.load_types import MAX_REQUESTS, LoadConfig, LoadResult, Record, StepResult, Target
+from loadtest.stats import gaps, print_step
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -426,9 +362,3 @@ async def run_load(config: LoadConfig, prompts: Sequence[Prompt], stop: asyncio.
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
-
-
-if __name__ == "__main__":
-    from loadtest.load_cli import main
-
-    sys.exit(main())
