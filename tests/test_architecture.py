@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
+import re
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,3 +164,21 @@ def test_no_test_module_imports_another() -> None:
         if bad:
             offenders[str(path.relative_to(REPO))] = bad
     assert offenders == {}
+
+
+def test_every_gateway_error_is_drawn_in_the_tree_of_errors_py() -> None:
+    """The one exception tree (DESIGN decision 6) is drawn in gateway/errors.py's docstring, like httpx's:
+    every ``GatewayError`` subclass, wherever it is defined, appears there by name."""
+    import gateway
+    from gateway import errors
+
+    for info in pkgutil.walk_packages(gateway.__path__, "gateway."):
+        importlib.import_module(info.name)
+    found: set[type] = set()
+    todo: list[type] = [errors.GatewayError]
+    while todo:
+        cls = todo.pop()
+        found.add(cls)
+        todo.extend(set(cls.__subclasses__()) - found)
+    drawn = set(re.findall(r"^[\s│├└─]*(\w+)\s+\(", errors.__doc__ or "", flags=re.M))
+    assert {f"{c.__module__}.{c.__name__}" for c in found if c.__name__ not in drawn} == set()
