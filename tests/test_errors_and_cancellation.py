@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import httpx
@@ -122,10 +121,9 @@ def test_unreachable_engine_is_a_503(gateway_factory: Any) -> None:
 def test_slow_engine_times_out_with_a_504(gateway_factory: Any, fake_engine: tuple[FakeEngine, str]) -> None:
     engine, upstream = fake_engine
     with gateway_factory(upstream, read_timeout_s=0.3) as (url, _):
+        # A gateway that waited the stall out would relay the engine's answer (200), not a 504.
         engine.push(Script(stall_s=3))
-        started = time.monotonic()
         assert_openai_error(httpx.post(f"{url}/v1/completions", json=OK_BODY), 504, says="in time")
-        assert time.monotonic() - started < 2.5
         still_serving(url)
 
 

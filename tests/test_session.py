@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,14 +88,13 @@ def test_probes_run_beside_the_main_stream_without_pausing_it(session_gateway: A
     engine, start = session_gateway
     main = Script(pieces=THINKING[:100], delay_s=0.005)  # about 0.5 s of streaming
     with start(main, probe=Script(pieces=[" 3"], stall_s=5.0)) as (url, _):
-        started = time.monotonic()
         body = complete(url, stopgate={"policy": "convergence", "params": {"probe_every": 10, "window": 2}})
-        elapsed = time.monotonic() - started
     assert body["stopgate"]["stop_reason"] == "finished"
-    assert elapsed < 2.5  # a blocking probe would have taken 5 s or more
     probes = body["stopgate"]["probes"]
     # Two may run at once; later ones are skipped while they stall, until the oldest is 64 tokens stale and
-    # is replaced; every one is cancelled in the end, none answered.
+    # is replaced; every one is cancelled in the end, none answered. The skips are the proof that the stream
+    # went on: it passed probe points while earlier probes were still stalled (a stream that paused for a
+    # probe would have none in flight at the next point, so nothing to skip).
     assert 3 <= probes["launched"] <= 4 and probes["skipped"] >= 4
     assert probes["cancelled"] == probes["launched"] and probes["completed"] == 0
     assert wait_until(lambda: engine.stats.active == 0)
