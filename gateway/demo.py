@@ -165,10 +165,10 @@ def plot(points: list[Point], out: Path, title: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway.cli import fail, upstream_or_engine
     from gateway.engine.embedded import EngineStartError
     from gateway.http.app import create_app
     from gateway.http.server import serve_in_thread
+    from gateway.launch import fail, upstream_or_engine
 
     try:
         items = [it for it in load_reference_file(args.references) if it.prompt is not None]

@@ -1,20 +1,33 @@
 """The gateway's exception tree, rendered as OpenAI error JSON by one handler.
 
-    GatewayError                      (500, internal_error)
+Status, ``type`` and ``code`` of the rendered error; classes outside this module name their module.
+
+    GatewayError                      (500, internal_error) a bug: no details, see ``internal_error()``
     ├── InvalidRequest                (400, invalid_request_error) names ``param``
-    │   ├── UnknownModel              (404 in OpenAI; 400 here would hide typos, so 404)
-    │   └── LimitExceeded             (400, names the limit)
-    ├── PayloadTooLarge               (413)
-    ├── RequestTimeout                (408) the body did not arrive within ``body_timeout_s``
-    ├── ClientClosed                  (499) the client left while sending its body
-    ├── UpstreamError                 (502, upstream_error)
-    │   ├── UpstreamUnavailable       (503) connect refused, DNS, reset before a response
-    │   ├── UpstreamTimeout           (504) no bytes within the read/total timeout
-    │   └── UpstreamRejected          (upstream's own 4xx status, its message passed through)
-    └── (more come with auth and backpressure)
+    │   ├── UnknownModel              (404, model_not_found; 400 would hide typos)
+    │   └── LimitExceeded             (400, limit_exceeded) names the limit
+    ├── PayloadTooLarge               (413, invalid_request_error, payload_too_large)
+    ├── RequestTimeout                (408, invalid_request_error, request_timeout) body not in ``body_timeout_s``
+    ├── ClientClosed                  (499, invalid_request_error, client_closed_request) left while sending
+    ├── Unauthorized                  (401, authentication_error, invalid_api_key) + ``WWW-Authenticate``
+    ├── Forbidden                     (403, permission_error, route_not_allowed) the key may not use the route
+    ├── NotFound                      (404, not_found_error, not_found) admin API: no such endpoint or route
+    ├── Overloaded                    (429, rate_limit_error, overloaded) + ``Retry-After``
+    ├── StateUnavailable              (503, unavailable_error, state_store_unavailable) shared store down
+    ├── Draining                      (503, unavailable_error, shutting_down) + ``Connection: close``
+    ├── PolicyFailed                  (500, policy_error) gateway/stopping/session.py: a policy raised
+    └── UpstreamError                 (502, upstream_error) a bad response from the engine
+        ├── UpstreamUnavailable       (503, upstream_unavailable) connect refused, DNS, reset
+        │   └── CircuitOpen           (503, circuit_open) gateway/engine/pool.py: no replica left + ``Retry-After``
+        ├── UpstreamTimeout           (504, upstream_timeout) no bytes within the read/total timeout
+        └── UpstreamRejected          (the engine's 4xx, invalid_request_error) its message passed through
 
 Foreign errors (httpx, the engine) are translated at the boundary with
 ``raise ... from exc``; nothing else may leak a traceback to a client.
+Start-up and operator errors are not client errors and stay outside the tree:
+``ConfigError`` (gateway/settings.py), ``StoreError`` (gateway/control/store.py),
+``EngineStartError`` (gateway/engine/embedded.py); the CLI prints them on one line.
+tests/test_architecture.py checks that every ``GatewayError`` subclass is drawn here.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ on this model's verification cue ``\\ncheck\\n``, the adaptive setting that kept
 EM in ``loadtest/compare.py``). ``route`` = ``{}`` would use the route's own
 policy and controller.
 
-Search. Open-loop Poisson load (``loadtest.load``) at a ladder of rates,
+Search. Open-loop Poisson load (``loadtest.runner``) at a ladder of rates,
 ``--start-rate`` times ``--factor`` per step, ``--step-duration`` seconds per
 variant per step. In a step each variant runs alone on the engine and its
 last requests drain before the next variant starts (sharing the engine, as
@@ -54,7 +54,8 @@ from typing import Any
 
 from gateway.engine.embedded import free_port
 from loadtest.common import EMBEDDED_ENV, REPO, Prompt, UsageError, check_loopback, embedded_gateway, load_prompts
-from loadtest.load import LoadConfig, Target, preflight, run_load
+from loadtest.load_types import LoadConfig, Target
+from loadtest.runner import preflight, run_load
 from loadtest.stats import em_summary, pyplot, step_summaries
 
 CUE = {"stopgate": {"policy": "marker", "params": {"pattern": r"\ncheck\n"}}}

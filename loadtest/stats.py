@@ -1,7 +1,8 @@
 """Per-request records, the statistics the load generator, tuner and serving benchmark report, and their files.
 
 The statistics are pure (records in, numbers out) and tested on fixed inputs;
-the last part writes them out (JSON, CSV, PNG) for ``loadtest.load``.
+the last part writes them out (JSON, CSV, PNG) for ``loadtest.load``. The records themselves are in
+``loadtest/load_types.py``.
 
 Definitions (times in seconds, all measured by the client):
 
@@ -27,57 +28,16 @@ import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loadtest.common import percentile, wilson
-
-if TYPE_CHECKING:
-    from loadtest.load import LoadConfig, LoadResult, StepResult
+from loadtest.load_types import LoadConfig, LoadResult, Record, StepResult
 
 QUANTILES = (50, 90, 99)
 # The gateway's `stopgate.tokens` kinds, in the order they are reported.
 TOKEN_KINDS = ("prompt", "thinking", "answer", "probe_prompt", "probe", "forced_prompt", "forced", "net")
 USAGE_KINDS = ("prompt_tokens", "completion_tokens")
-
-
-@dataclass
-class Record:
-    """One request as the client saw it; ``error`` is "" when it succeeded."""
-
-    target: str
-    step: int
-    seq: int  # order of sending within the target's step
-    item: int  # index of the prompt
-    start_s: float  # (scheduled) send time since the step began
-    lag_s: float = 0.0  # how late the client actually sent it
-    e2e_s: float | None = None
-    ttft_s: float | None = None
-    output_tokens: int | None = None
-    chunks: int = 0  # streamed chunks that carried text
-    itl_s: list[float] = field(default_factory=list)
-    error: str = ""
-    status: int | None = None
-    correct: float | None = None  # EM against the item's answers, if it has any
-    stop_reason: str | None = None
-    tokens: dict[str, int] | None = None  # the gateway's stopgate.tokens
-    usage: dict[str, int] | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
-
-    @property
-    def tpot_s(self) -> float | None:
-        return tpot(self.e2e_s, self.ttft_s, self.output_tokens)
-
-
-def tpot(e2e_s: float | None, ttft_s: float | None, output_tokens: int | None) -> float | None:
-    """(E2E - TTFT) / (output tokens - 1); None when it is undefined."""
-    if e2e_s is None or ttft_s is None or output_tokens is None or output_tokens < 2:
-        return None
-    return (e2e_s - ttft_s) / (output_tokens - 1)
 
 
 def gaps(times: Sequence[float]) -> list[float]:

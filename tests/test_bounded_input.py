@@ -27,9 +27,10 @@ from loadtest.fake_engine import FakeEngine, Script
 from policies.base import Action, PolicyError, TokenEvent
 from policies.marker import MAX_CLIENT_PATTERN_CHARS, MarkerPolicy
 from policies.registry import build_policy
-from tests.test_auth_limits import KEY_ALL, KEY_OTHER, bearer, keys_file, two_routes
-from tests.test_control_plane import KEY, complete, routes_file, state
-from tests.test_errors_and_cancellation import assert_openai_error, wait_until
+from tests.support.auth import KEY_ALL, KEY_OTHER, bearer, keys_file, two_routes
+from tests.support.control import KEY, complete, routes_file, state
+from tests.support.waiting import wait_until
+from tests.support.wire import assert_openai_error
 
 Gateway = tuple[str, FakeEngine, Any]
 NAN = float("nan")

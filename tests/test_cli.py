@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,20 +15,7 @@ import pytest
 from gateway.engine.embedded import EmbeddedEngine, free_port
 from gateway.settings import EngineSettings
 from loadtest.fake_engine import FakeEngine
-
-STOPGATE = [sys.executable, "-m", "gateway.cli"]
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*STOPGATE, *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
-    )
-
-
-def assert_clean_failure(proc: subprocess.CompletedProcess[str], says: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert says in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr + proc.stdout
+from tests.support.cli import STOPGATE, assert_clean_failure, run_cli
 
 
 def test_port_in_use_is_a_clear_error() -> None:

@@ -91,7 +91,7 @@ def test_bad_floor_settings_are_refused_naming_the_field(kwargs: dict[str, Any],
 
 
 def test_a_route_turns_the_floor_on_through_its_control_params(tmp_path: Any) -> None:
-    from tests.test_session import routes_file
+    from tests.support.session import routes_file
 
     path = routes_file(tmp_path, control={"target": 0.8, "params": {"mode": "floor", "z_floor": 1.0}})
     route = load_routes(path).routes[0]

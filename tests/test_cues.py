@@ -246,7 +246,7 @@ def test_ensemble_members_are_checked_and_bad_ones_named() -> None:
 def test_a_cue_set_can_be_the_controllers_strictness_ladder(tmp_path: Any) -> None:
     """Fewer cues stop later: a route may let the controller move between cue sets (strictest first)."""
     from gateway.settings import ConfigError, load_routes
-    from tests.test_session import routes_file
+    from tests.support.session import routes_file
 
     ladder = {"param": "cues", "values": [["\nc", "wait"], ["\nc"]]}
     path = routes_file(tmp_path, policy={"name": "cue", "params": {"cues": ["\nc"]}}, control={"strictness": ladder})

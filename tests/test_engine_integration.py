@@ -11,6 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from gateway.engine.embedded import EmbeddedEngine
+from tests.support.vllm import LONG, vllm_metric
 
 pytestmark = pytest.mark.engine
 
@@ -84,15 +85,6 @@ def test_prompt_longer_than_the_context_is_a_400_with_the_engine_message(client:
     assert ok.choices[0].text.endswith("#### 2")
 
 
-def _vllm_metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_client_disconnect_aborts_the_engine_request(real_gateway: RealGateway, vllm_engine: EmbeddedEngine) -> None:
     """A client that leaves mid-stream: the engine stops generating (running back to 0, tokens stop growing).
 
@@ -112,7 +104,7 @@ def test_client_disconnect_aborts_the_engine_request(real_gateway: RealGateway, 
     }
     counted: list[float] = []
     for _ in range(8):
-        before = _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
+        before = vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
         started = time.monotonic()
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
             seen = 0
@@ -122,12 +114,12 @@ def test_client_disconnect_aborts_the_engine_request(real_gateway: RealGateway, 
                     break
         left_after = time.monotonic() - started  # 480 tokens take the engine 2.2-4 s here
         deadline = time.monotonic() + 10
-        while _vllm_metric(vllm_engine.url, "vllm:num_requests_running") > 0:
+        while vllm_metric(vllm_engine.url, "vllm:num_requests_running") > 0:
             assert time.monotonic() < deadline, "the engine kept running the request"
             time.sleep(0.1)
-        after_stop = _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
+        after_stop = vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
         time.sleep(1.0)
-        assert _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total") == after_stop  # no longer growing
+        assert vllm_metric(vllm_engine.url, "vllm:generation_tokens_total") == after_stop  # no longer growing
         if left_after > 0.8:
             continue  # the engine's stream stalled before the client could leave
         counted.append(after_stop - before)
@@ -160,7 +152,6 @@ POLICIES = [
     ("ensemble", {"wave": 2, "max_samples": 4}),
     ("static", {"thinking_token_budget": 30}),
 ]
-LONG = "Q: 7+3+9+4+8+1+6+2+5=?\n"  # 45, with a check pass
 
 
 @pytest.mark.parametrize(("policy", "params"), POLICIES, ids=[p for p, _ in POLICIES])
@@ -209,17 +200,17 @@ def test_a_plain_string_marker_stops_the_engine_itself(real_gateway: RealGateway
     a success in vLLM's counters) and generates nothing past it; the client still gets the forced answer."""
     url, _ = real_gateway
     marker = {"policy": "marker", "params": {"pattern": r"\ncheck\n"}}
-    before = _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
-    finished = _vllm_metric(vllm_engine.url, "vllm:request_success_total")
+    before = vllm_metric(vllm_engine.url, "vllm:generation_tokens_total")
+    finished = vllm_metric(vllm_engine.url, "vllm:request_success_total")
     body = {"model": "tinyreason", "prompt": LONG, "temperature": 0, "stopgate": marker}
     r = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     ext, text = r.json()["stopgate"], r.json()["choices"][0]["text"]
     assert ext["stop_reason"] == "answer_complete" and "\ncheck\n</think>\n####" in text, text
     time.sleep(0.5)
-    generated = _vllm_metric(vllm_engine.url, "vllm:generation_tokens_total") - before
+    generated = vllm_metric(vllm_engine.url, "vllm:generation_tokens_total") - before
     assert ext["tokens"]["forced"] > 0 and generated <= ext["tokens"]["net"] + 2
-    assert _vllm_metric(vllm_engine.url, "vllm:request_success_total") - finished == 2  # the main and the forced
+    assert vllm_metric(vllm_engine.url, "vllm:request_success_total") - finished == 2  # the main and the forced
 
 
 def test_early_stop_saves_tokens_on_the_real_engine(real_gateway: RealGateway) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from typing import Any
 
 import httpx
@@ -16,20 +15,11 @@ from gateway.openai.protocol import CompletionRequest
 from gateway.settings import RouteConfig
 from gateway.stopping.session import Generation, RequestContext
 from loadtest.fake_engine import FakeEngine, Script
-from tests.test_proxy import sse_events
+from tests.support.waiting import wait_until
+from tests.support.wire import assert_openai_error, sse_events
 
 Gateway = tuple[str, FakeEngine, CollectorRegistry]
 OK_BODY = {"model": "tinyreason", "prompt": "Q: 1+2=?\n"}
-
-
-def assert_openai_error(r: httpx.Response, status: int, *, param: str | None = None, says: str = "") -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert err["param"] == param
-    assert says.lower() in err["message"].lower(), err["message"]
-    assert "Traceback" not in r.text
-    return dict(err)
 
 
 def still_serving(url: str) -> None:
@@ -131,10 +121,9 @@ def test_unreachable_engine_is_a_503(gateway_factory: Any) -> None:
 def test_slow_engine_times_out_with_a_504(gateway_factory: Any, fake_engine: tuple[FakeEngine, str]) -> None:
     engine, upstream = fake_engine
     with gateway_factory(upstream, read_timeout_s=0.3) as (url, _):
+        # A gateway that waited the stall out would relay the engine's answer (200), not a 504.
         engine.push(Script(stall_s=3))
-        started = time.monotonic()
         assert_openai_error(httpx.post(f"{url}/v1/completions", json=OK_BODY), 504, says="in time")
-        assert time.monotonic() - started < 2.5
         still_serving(url)
 
 
@@ -165,15 +154,6 @@ def test_engine_dying_mid_request_is_a_502_for_a_non_streaming_client(gateway: G
     engine.push(Script(fail_after=4))
     assert_openai_error(httpx.post(f"{url}/v1/completions", json=OK_BODY), 503)
     still_serving(url)
-
-
-def wait_until(cond: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
 
 
 def test_client_disconnect_mid_stream_closes_the_upstream_request(gateway: Gateway) -> None:

@@ -16,8 +16,8 @@ import httpx
 
 from gateway.engine.embedded import free_port
 from loadtest.fake_engine import FakeEngine, Script
-from tests.test_control_plane import ADMIN, KEY, routes_file
-from tests.test_errors_and_cancellation import wait_until
+from tests.support.control import ADMIN, KEY, routes_file
+from tests.support.waiting import wait_until
 
 ANSWER = ["<think>", "\n", "1", "+", "2", "=", "3", "\n", "</think>", "\n#### 3"]
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from gateway.control.controller import Sample, initial_state, state_to_dict, step
 from gateway.control.plane import controller_config
@@ -33,12 +32,9 @@ from gateway.control.redis_store import Keys, RedisLog, StaleLease, decode_recor
 from gateway.settings import load_routes
 from loadtest.redis_server import RedisServer
 from loadtest.replicas import Child, fake_engine, replica, wait_http
+from tests.support.fleet import ADMIN, ITEMS, KEY, ROUTE, write_routes
 
-KEY = "fleet-admin-key-0123456789"
-ADMIN = {"authorization": f"Bearer {KEY}"}
-ROUTE = "arith"
 LEASE_MS = 3000
-ITEMS = 40  # reference items; the fake engine always answers 3: EM 0.9, so the controller tightens
 EVAL_SHARE = 0.3
 
 
@@ -54,30 +50,6 @@ class Fleet:
 
     def live(self) -> list[Child]:
         return [r for r in self.replicas if r.proc.poll() is None]
-
-
-def write_routes(directory: Path) -> Path:
-    refs = directory / "fleet-refs.jsonl"
-    lines = [
-        json.dumps({"id": f"f{i}", "prompt": f"Q: {i}+0=?\n", "answers": ["4" if i % 10 == 9 else "3"], "route": ROUTE})
-        for i in range(ITEMS)
-    ]
-    refs.write_text("\n".join(lines) + "\n")
-    routes = yaml.safe_load((Path(__file__).resolve().parent.parent / "gateway" / "routes.yaml").read_text())
-    arith = routes["routes"][ROUTE]
-    arith["budget"] = 16
-    arith["default_max_tokens"] = 64  # what the test sends: a gold sample steers only at the route's settings
-    arith["control"] = {
-        "target": 0.8,
-        "min_budget": 4,
-        "max_budget": 64,
-        "params": {"min_samples": 4, "cooldown": 6, "max_samples": 12, "window": 20},
-    }
-    arith["evaluation"] = {"references": [str(refs)], "canary_per_minute": 120, "shadow_share": 0.5}
-    routes["routes"] = {ROUTE: arith}
-    path = directory / "routes.yaml"
-    path.write_text(yaml.safe_dump(routes))
-    return path
 
 
 @pytest.fixture(scope="module")

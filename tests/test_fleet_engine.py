@@ -16,7 +16,7 @@ import yaml
 from gateway.engine.embedded import EmbeddedEngine
 from loadtest.redis_server import RedisServer
 from loadtest.replicas import Child, replica, wait_http
-from tests.test_fleet import ADMIN, KEY
+from tests.support.fleet import ADMIN, KEY
 
 pytestmark = pytest.mark.engine
 

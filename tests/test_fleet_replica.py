@@ -7,9 +7,8 @@ module-wide Redis, and drives their rounds by hand, so the order of events is th
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,26 +25,10 @@ from gateway.errors import StateUnavailable
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from loadtest.redis_server import RedisServer
-from tests.test_fleet import write_routes
-from tests.test_store import sample
+from tests.support.fleet import write_routes
+from tests.support.store_contract import sample
 
 ROUTE = "arith"
-_prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"r{next(_prefixes)}-{time.monotonic_ns()}"
 
 
 @dataclass

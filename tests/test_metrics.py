@@ -10,9 +10,9 @@ from prometheus_client import CollectorRegistry
 
 from gateway.metrics import DURATION_BUCKETS, PROBE_BUCKETS, TTFT_BUCKETS, Metrics
 from loadtest.fake_engine import Script
-from tests.test_control_plane import ADMIN, complete, plane_gateway, state  # noqa: F401 (fixture)
-from tests.test_errors_and_cancellation import wait_until
-from tests.test_session import PROMPT, THINKING, session_gateway  # noqa: F401 (fixture)
+from tests.support.control import ADMIN, complete, state
+from tests.support.session import PROMPT, THINKING
+from tests.support.waiting import wait_until
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:

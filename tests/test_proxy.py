@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -10,17 +9,9 @@ import httpx
 from prometheus_client import CollectorRegistry
 
 from loadtest.fake_engine import FakeEngine, Script
+from tests.support.wire import sse_events
 
 Gateway = tuple[str, FakeEngine, CollectorRegistry]
-
-
-def sse_events(response: httpx.Response) -> list[Any]:
-    events: list[Any] = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 def test_non_streaming_completion_returns_text_usage_and_extension(gateway: Gateway) -> None:

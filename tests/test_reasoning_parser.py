@@ -19,35 +19,10 @@ from gateway.engine.embedded import engine_command
 from gateway.openai.chunks import ChunkParser, ResponseBuilder
 from gateway.settings import EngineSettings
 from loadtest.fake_engine import FakeEngine, Script
-from tests import test_session
-from tests.test_errors_and_cancellation import wait_until
-from tests.test_proxy import sse_events
-from tests.test_session import kind
-
-session_gateway = test_session.session_gateway  # the fixture: a gateway whose engine answers by request kind
-MESSAGES = [{"role": "user", "content": "Q: 1+2=?"}]
-REASONING = list("\n1+2=3\n") * 30  # 210 tokens of thinking
-PARSED = ["<think>", *REASONING, "</think>", "\n", "#", "#", "#", "#", " ", "3"]
-
-
-def chat(url: str, **extra: Any) -> dict[str, Any]:
-    body = {"model": "tinyreason", "messages": MESSAGES, **extra}
-    r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def chat_stream(url: str, **extra: Any) -> list[dict[str, Any]]:
-    body = {"model": "tinyreason", "messages": MESSAGES, "stream": True, **extra}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as r:
-        assert r.status_code == 200, r.read()
-        events = sse_events(r)
-    assert events[-1] == "[DONE]"
-    return events[:-1]
-
-
-def joined(chunks: list[dict[str, Any]], key: str) -> str:
-    return "".join(str(c["choices"][0].get("delta", {}).get(key) or "") for c in chunks if c["choices"])
+from tests.support.chat import MESSAGES, PARSED, REASONING, chat, chat_stream, joined
+from tests.support.engine import kind
+from tests.support.waiting import wait_until
+from tests.support.wire import sse_events
 
 
 def requests_of(engine: FakeEngine, which: str) -> list[dict[str, Any]]:

@@ -17,13 +17,17 @@ import openai
 import pytest
 
 from loadtest.reasoning_em import measure
-from tests.conftest import REPO, ServedGateway
-from tests.test_engine_integration import LONG, _vllm_metric
+from tests.support.vllm import (
+    LONG,
+    MESSAGES,
+    REFERENCES,
+    ServedGateway,
+    assert_parser_shape,
+    assert_tokens_add_up,
+    vllm_metric,
+)
 
 pytestmark = pytest.mark.engine
-
-MESSAGES = [{"role": "user", "content": LONG.strip()}]  # 45, with a check pass
-REFERENCES = REPO / "references" / "arith-dev.jsonl"
 
 
 def chat(url: str, stopgate: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -31,22 +35,6 @@ def chat(url: str, stopgate: dict[str, Any], **extra: Any) -> dict[str, Any]:
     r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text
     return dict(r.json())
-
-
-def assert_parser_shape(message: dict[str, Any]) -> None:
-    """The thinking in `reasoning`, the answer in `content`, no delimiter in either."""
-    assert message["reasoning"] and message["content"]
-    for text in (message["reasoning"], message["content"]):
-        assert "<think>" not in text and "</think>" not in text, message
-    assert message["content"].startswith("\n####"), message
-
-
-def assert_tokens_add_up(body: dict[str, Any]) -> None:
-    tokens, usage = body["stopgate"]["tokens"], body["usage"]
-    assert usage["completion_tokens"] == tokens["thinking"] + tokens["answer"] + tokens["forced"]
-    assert tokens["net"] == usage["completion_tokens"] + tokens["probe"]
-    # The engine reports its reasoning tokens; ours also count the <think> it swallowed.
-    assert usage["completion_tokens_details"]["reasoning_tokens"] == tokens["thinking"] - 1
 
 
 def test_full_reasoning_is_in_the_reasoning_field_and_counted_as_thinking(parser_gateway: ServedGateway) -> None:
@@ -94,7 +82,7 @@ def test_budget_forces_the_same_answer_as_the_bare_path(parser_gateway: ServedGa
 
 def test_marker_on_the_verification_cue_stops_at_the_cue_and_answers(parser_gateway: ServedGateway) -> None:
     """Regression for issue 13: vLLM stopped at the stop string inside the reasoning and the client got ''."""
-    before = _vllm_metric(parser_gateway.engine_url, "vllm:request_success_total")
+    before = vllm_metric(parser_gateway.engine_url, "vllm:request_success_total")
     body = chat(parser_gateway.url, {"policy": "marker", "params": {"pattern": r"\ncheck\n"}})
     message = body["choices"][0]["message"]
     assert_parser_shape(message)
@@ -104,7 +92,7 @@ def test_marker_on_the_verification_cue_stops_at_the_cue_and_answers(parser_gate
     assert_tokens_add_up(body)
     # The engine ended the main request at the stop string itself (a success, not an abort), then the forced one.
     time.sleep(0.5)
-    assert _vllm_metric(parser_gateway.engine_url, "vllm:request_success_total") - before == 2
+    assert vllm_metric(parser_gateway.engine_url, "vllm:request_success_total") - before == 2
 
 
 def test_convergence_probes_continue_the_reasoning_and_stop_early(parser_gateway: ServedGateway) -> None:

@@ -5,9 +5,7 @@ fencing token that a paused ex-leader cannot write past, and a commit that yield
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +18,7 @@ from gateway.control.store import SampleRecord, Store, open_store
 from loadtest.redis_server import RedisServer
 
 # The behaviour every store shares, run here against Redis (the fixture below replaces theirs).
-from tests.test_store import (  # noqa: F401
+from tests.support.store_contract import (  # noqa: F401  (the contract's tests, collected here)
     StoreFactory,
     sample,
     test_calls_after_close_raise_store_error_and_closing_twice_is_harmless,
@@ -38,24 +36,6 @@ from tests.test_store import (  # noqa: F401
     test_state_that_is_not_json_is_refused_and_the_old_state_kept,
     test_stored_state_does_not_change_when_the_caller_mutates_its_dict,
 )
-
-_prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def prefix() -> str:
-    """A key prefix of its own per test, so tests share the server but never each other's keys."""
-    return f"t{next(_prefixes)}-{time.monotonic_ns()}"
 
 
 @pytest.fixture
@@ -217,7 +197,7 @@ def test_samples_buffered_while_redis_is_down_are_appended_in_order_and_overflow
     from gateway.control.plane import ControlPlane
     from gateway.metrics import Metrics
     from gateway.settings import Settings
-    from tests.test_fleet import write_routes
+    from tests.support.fleet import write_routes
 
     server = RedisServer(tmp_path / "redis")
     server.start()

@@ -21,12 +21,10 @@ from gateway.errors import UpstreamRejected
 from gateway.http.server import serve_in_thread
 from gateway.settings import ConfigError, load_routes
 from loadtest.fake_engine import FakeEngine, Script, render_chat
-from tests import test_session
-from tests.test_errors_and_cancellation import wait_until
-from tests.test_reasoning_parser import MESSAGES, PARSED, REASONING, chat, chat_stream, joined
-from tests.test_session import complete, routes_file
+from tests.support.chat import MESSAGES, PARSED, REASONING, chat, chat_stream, joined
+from tests.support.session import complete, routes_file
+from tests.support.waiting import wait_until
 
-session_gateway = test_session.session_gateway
 RENDERED = render_chat(MESSAGES, add_generation_prompt=True)  # "<|user|>Q: 1+2=?\n<|assistant|>"
 ROUTE = {"continuation": "rendered"}
 

@@ -24,11 +24,9 @@ from gateway.http.app import create_app
 from gateway.http.server import serve_in_thread
 from gateway.settings import Settings
 from loadtest.reasoning_em import measure
-from tests.conftest import ServedGateway
-from tests.test_engine_integration import LONG
-from tests.test_reasoning_parser_engine import MESSAGES, REFERENCES, assert_tokens_add_up
-from tests.test_reasoning_parser_engine import assert_parser_shape as assert_shape
-from tests.test_session import routes_file
+from tests.support.session import routes_file
+from tests.support.vllm import LONG, MESSAGES, REFERENCES, ServedGateway, assert_tokens_add_up
+from tests.support.vllm import assert_parser_shape as assert_shape
 
 pytestmark = pytest.mark.engine
 

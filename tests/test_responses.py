@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 
 from loadtest.fake_engine import FakeEngine, Script
-from tests.test_auth_limits import KEY_ALL, KEY_OTHER, bearer, keys_file, two_routes
-from tests.test_errors_and_cancellation import assert_openai_error
+from tests.support.auth import KEY_ALL, KEY_OTHER, bearer, keys_file, two_routes
+from tests.support.wire import assert_openai_error
 
 BODY = {"model": "tinyreason", "input": "Q: 1+2=?"}
 

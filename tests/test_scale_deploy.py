@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from gateway.settings import Settings, load_routes
+from tests.support.deploy import load_scale_compose
 
 REPO = Path(__file__).resolve().parent.parent
 KUBE = REPO / "deploy" / "kubernetes"
@@ -116,11 +117,6 @@ def test_the_routes_configmap_is_a_routes_file_the_gateway_loads(tmp_path: Path)
     routes = load_routes(path)
     assert [r.name for r in routes.routes] == ["arith"]
     assert all(Path(ref).is_file() for route in routes.routes for ref in route.evaluation.references)
-
-
-def load_scale_compose() -> dict[str, Any]:
-    data: dict[str, Any] = yaml.safe_load((DOCKER / "compose.scale.yaml").read_text())
-    return data
 
 
 def test_compose_scale_file_is_valid_against_the_compose_spec_schema() -> None:

@@ -17,7 +17,7 @@ from gateway.http.app import create_app
 from gateway.http.server import serve_in_thread
 from gateway.settings import Settings
 from loadtest.fake_engine import FakeEngine
-from tests.test_auth_limits import KEY_ALL, keys_file, two_routes
+from tests.support.auth import KEY_ALL, keys_file, two_routes
 
 ADMIN_KEY = "fuzz-admin-key-0123456789"
 

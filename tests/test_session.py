@@ -3,67 +3,19 @@
 from __future__ import annotations
 
 import itertools
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from loadtest.fake_engine import FakeEngine, Script
+from loadtest.fake_engine import Script
 from policies import registry
 from policies.base import CONTINUE, Decision, ProbeResult, TokenEvent
-from tests.test_errors_and_cancellation import assert_openai_error, wait_until
-from tests.test_proxy import sse_events
-
-PROMPT = "Q: 1+2=?\n"
-THINKING = ["<think>", "\n"] + list("1+2=3\n") * 40  # 242 tokens of "reasoning"
-
-
-def routes_file(tmp_path: Path, **route: Any) -> Path:
-    base: dict[str, Any] = {
-        "aliases": ["tinyreason"],
-        "upstream_model": "tinyreason",
-        "default_max_tokens": 400,
-        "max_tokens_limit": 480,
-        "budget": 400,
-    }
-    path = tmp_path / "routes.yaml"
-    path.write_text(yaml.safe_dump({"routes": {"arith": {**base, **route}}}))
-    return path
-
-
-def kind(headers: dict[str, str]) -> str:
-    rid = headers.get("x-request-id", "")
-    return "forced" if rid.endswith("-forced") else "probe" if "-probe" in rid else "main"
-
-
-@pytest.fixture
-def session_gateway(fake_engine: tuple[FakeEngine, str], gateway_factory: Any, tmp_path: Path) -> Iterator[Any]:
-    """A gateway whose engine answers main, probe and forced requests by their request id."""
-    engine, upstream = fake_engine
-
-    def start(main: Script, probe: Any = None, forced: Script | None = None, **route: Any) -> Any:
-        probes = probe if callable(probe) else (lambda: probe or Script(pieces=[" 3"]))
-        forced_script = forced or Script(pieces=[" 3"])
-
-        def respond(body: dict[str, Any], headers: dict[str, str]) -> Script:
-            k = kind(headers)
-            return main if k == "main" else forced_script if k == "forced" else probes()
-
-        engine.responder = respond
-        return gateway_factory(upstream, routes_file=routes_file(tmp_path, **route))
-
-    yield engine, start
-
-
-def complete(url: str, **extra: Any) -> dict[str, Any]:
-    r = httpx.post(f"{url}/v1/completions", json={"model": "tinyreason", "prompt": PROMPT, **extra}, timeout=30)
-    assert r.status_code == 200, r.text
-    return dict(r.json())
+from tests.support.engine import kind
+from tests.support.session import PROMPT, THINKING, complete
+from tests.support.waiting import wait_until
+from tests.support.wire import assert_openai_error, sse_events
 
 
 def test_budget_forces_answer_when_thinking_exceeds_budget(session_gateway: Any) -> None:
@@ -136,14 +88,13 @@ def test_probes_run_beside_the_main_stream_without_pausing_it(session_gateway: A
     engine, start = session_gateway
     main = Script(pieces=THINKING[:100], delay_s=0.005)  # about 0.5 s of streaming
     with start(main, probe=Script(pieces=[" 3"], stall_s=5.0)) as (url, _):
-        started = time.monotonic()
         body = complete(url, stopgate={"policy": "convergence", "params": {"probe_every": 10, "window": 2}})
-        elapsed = time.monotonic() - started
     assert body["stopgate"]["stop_reason"] == "finished"
-    assert elapsed < 2.5  # a blocking probe would have taken 5 s or more
     probes = body["stopgate"]["probes"]
     # Two may run at once; later ones are skipped while they stall, until the oldest is 64 tokens stale and
-    # is replaced; every one is cancelled in the end, none answered.
+    # is replaced; every one is cancelled in the end, none answered. The skips are the proof that the stream
+    # went on: it passed probe points while earlier probes were still stalled (a stream that paused for a
+    # probe would have none in flight at the next point, so nothing to skip).
     assert 3 <= probes["launched"] <= 4 and probes["skipped"] >= 4
     assert probes["cancelled"] == probes["launched"] and probes["completed"] == 0
     assert wait_until(lambda: engine.stats.active == 0)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from loadtest.fake_engine import Script
-from tests.test_session import complete, kind, session_gateway  # noqa: F401  (session_gateway is a fixture)
+from tests.support.engine import kind
+from tests.support.session import complete
 
 CLOSE = "</think>"
 # A reasoning trace by lines: the answer (3) is known after the first line; "check" starts re-verifying it.

@@ -1,85 +1,15 @@
 """The per-route feedback controller: a pure ``step(state, sample, config) -> state``.
 
-It moves a route's thinking **budget** (and, when the route offers more than
-one, the policy's strictness **level**) so that EM stays at the target with
-the fewest tokens: loosen when EM falls, tighten when EM holds. Every change
-rests on a test of the samples taken at the setting in force (the *arm*):
+It moves a route's thinking **budget** (and, when the route offers more than one, the policy's strictness
+**level**) so that EM stays at the target with the fewest tokens: loosen when EM falls, tighten when it holds.
+Each change rests on a Wilson test of the samples taken at the setting in force (the *arm*); the search
+bisects between the largest budget shown bad and the smallest shown good; three drift checks (a CUSUM for a
+sudden fall, a small lasting deficit, a long deficit of the reporting window) re-open it. ``mode`` reads the
+target as a level to track or as a floor; ``frozen`` and ``override_budget`` are the operator's.
 
-* **bad** once the Wilson upper bound (``z_loosen``) of its EM is below the
-  target, after ``min_samples``;
-* **good** once the Wilson lower bound (``z_tighten``) is at or above the
-  target, after ``cooldown`` samples;
-* after ``max_samples`` without either, the arm is within noise of the
-  target and the Wilson lower bound at ``z_decide`` (0: the point estimate)
-  decides.
-
-A good verdict waits while the reporting window (the last ``window`` samples
-at any setting) is below the target: the budget is never cut while EM, as
-users see it, misses.
-
-**Search.** EM rises with the budget, so the controller bisects for the
-smallest good budget. It remembers ``bad`` (the largest budget shown to miss)
-and ``good`` (the smallest shown to meet). A good arm moves down: to the
-midpoint between ``bad`` and ``good``, or by the factor ``tighten`` while no
-bad budget is known. A bad arm moves up: to the midpoint; or, while no good
-budget is known, by the factor ``loosen`` when EM is far below the target
-(the Wilson upper bound at ``z_loosen`` under ``target - drift_drop``) and by
-``drift_step`` gaps when it is only a little below. The search ends
-(**settled**) when ``good - bad`` is at most ``resolution`` of the budget (the
-*gap*); the controller then runs at ``good``.
-
-**Levels.** A stricter level (lower index) at the same budget never spends
-more tokens, so a good arm first tries the next stricter level at the same
-budget; if that level fails, it goes back and stops trying stricter levels
-(until drift or a new target). A bad arm at ``max_budget`` raises the level.
-
-**Drift.** Three checks, each for its own kind of change:
-
-* *A sudden fall* (harder traffic): a CUSUM of the log-likelihood ratio of
-  EM ``drift_drop`` below the arm's usual EM against EM at it (the target
-  while searching; the arm's own EM, if lower, once settled) runs over every
-  sample at the setting in force. When it reaches ``drift_threshold`` (while
-  settled, or while no good budget is known) the budget in force is bad, what
-  was good above it is stale, and the budget goes up by ``loosen`` at once.
-  The statistic carries over a small step up, so creeping up after harder
-  traffic turns into the full step.
-* *A small, lasting deficit* (settled a little low): settled, once the
-  arm's Wilson upper bound at ``z_drift`` over all its samples (at least
-  ``window``) is below the target, the budget steps up ``drift_step`` gaps
-  and the search goes on from there.
-* *EM far below target for a while*: when the full reporting window has been
-  more than ``deficit`` below the target for ``deficit_samples`` samples in a
-  row, and the arm in force (with that many samples) misses the target too,
-  the arm is bad at once.
-
-Settled, when the Wilson lower bound (``z_drift``) of the last ``window``
-samples at the setting clears the midpoint between the target and 1, the
-search re-opens below (easier traffic). Nothing else moves a settled
-controller.
-
-**Late samples.** A sample taken at another budget or level than the one in
-force (a request that started before the last change) counts toward the
-reporting window (``window_em``) but not toward any decision.
-
-**Target changes.** ``good``, ``bad`` and ``floor_level`` hold only for the
-target they were learned at (``state.target``); when the config's target
-differs, ``step`` forgets them (``retarget``) and tests the setting in force
-against the new target, so a raised target loosens and a lowered one
-tightens.
-
-**Two readings of the target** (``mode``). ``track`` (the default) holds EM
-*at* the target: the search settles where EM is about the target, so the
-EM users see is as often a little under it as over. ``floor`` makes the
-target a floor with stated confidence: the controller holds the smallest
-budget whose EM is high enough that the Wilson lower bound at ``z_floor`` of
-a reporting window (``window`` samples) at that EM meets the target
-(``floor_target``; 0.828 for target 0.8, z 0.5, window 50). Every test then
-runs against that EM instead of the target: a little more budget for EM
-that stays above the target. ``state.target`` stays the target as set.
-
-``frozen`` stops all changes (an operator's override); samples are still
-recorded. ``override_budget`` is the operator's manual move; it resets the
-evidence. docs/controller.md describes every parameter.
+docs/controller.md describes the verdicts, the search, levels, drift, late samples, target changes, the
+two modes and every parameter, with what the simulator (gateway/control/simulate.py) shows.
+No I/O here: the plane (gateway/control/plane.py) persists and publishes the state.
 """
 
 from __future__ import annotations
@@ -90,7 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 MODES = ("track", "floor")
-"""``track``: hold EM at the target; ``floor``: hold the target as a floor (module docstring)."""
+"""``track``: hold EM at the target; ``floor``: hold the target as a floor (docs/controller.md, "EM as a floor")."""
 
 
 @dataclass(frozen=True)

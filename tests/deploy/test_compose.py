@@ -30,16 +30,16 @@ import pytest
 import yaml
 
 from tests.deploy.stack import DeployError, HealthScheduler, Stack, needs_health_scheduler
-from tests.test_deploy import (
+from tests.support.deploy import (
     DOCKER,
     PROMETHEUS_YML,
     dashboard_panels,
     load_compose,
+    load_scale_compose,
     reference_items,
     substitute,
     traffic,
 )
-from tests.test_scale_deploy import load_scale_compose
 
 pytestmark = [
     pytest.mark.deploy,
