@@ -48,12 +48,7 @@ from gateway.stopping.cost import COST_STOP, CostMeter, sequences
 from gateway.stopping.probes import Probes
 from gateway.stopping.rendered import Continuer
 from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
-from policies.brake import BrakePolicy
-from policies.compose import Bounded
-from policies.cue import CuePolicy
-from policies.marker import MarkerPolicy
 from policies.registry import build_policy
-from policies.static import StaticPolicy
 
 PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 PASSTHROUGH = "none"
@@ -189,22 +184,8 @@ class Generation:
         else:
             self.cost = ctx.cost
         self._engine_stops: frozenset[str] = frozenset()  # the stop strings the gateway (not the client) added
-        if isinstance(self.policy, Bounded):
-            inner = self.policy.inner
-            if isinstance(inner, StaticPolicy):
-                self._body.update(inner.engine_params)
-            # The engine may stop at a plain-string marker or cue itself, unless the client set stop strings.
-            elif (
-                isinstance(inner, MarkerPolicy | CuePolicy)
-                and vllm
-                and not {"stop", "include_stop_str_in_output"} & set(self._body)
-            ):
-                self._body.update(inner.engine_params)
-                self._engine_stops = frozenset(inner.engine_params.get("stop", ()))
-            elif isinstance(inner, BrakePolicy):
-                # Whatever the client sent (logprobs false, fewer top entries), the engine returns what brake reads.
-                self._client_top = merged_request(ctx.endpoint, self._body, inner.engine_logprobs)
-                self._top = True
+        if self.policy is not None:
+            self._ask_engine(self.policy)
         self._parser = ChunkParser(ctx.endpoint)
         self._meta: dict[str, Any] = {}
         self._phase = "thinking"
@@ -234,6 +215,20 @@ class Generation:
                 max_probes=ctx.max_probes,
                 continuer=self.continuer,
             )
+
+    def _ask_engine(self, policy: StopPolicy) -> None:
+        """Add what the policy asks of the engine to the engine request, as far as the client leaves room."""
+        params = policy.engine_params
+        if "stop" not in params:
+            self._body.update(params)
+        # The engine may stop at a plain-string marker or cue itself, unless the client set stop strings.
+        elif self.vllm and not {"stop", "include_stop_str_in_output"} & set(self._body):
+            self._body.update(params)
+            self._engine_stops = frozenset(params["stop"])
+        if policy.engine_logprobs:
+            # Whatever the client sent (logprobs false, fewer top entries), the engine returns what the policy reads.
+            self._client_top = merged_request(self.ctx.endpoint, self._body, policy.engine_logprobs)
+            self._top = True
 
     # -- the policy side --------------------------------------------------
 
