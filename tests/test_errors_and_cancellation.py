@@ -14,7 +14,8 @@ from prometheus_client import CollectorRegistry
 from gateway.engine.client import Upstream
 from gateway.openai.protocol import CompletionRequest
 from gateway.settings import RouteConfig
-from gateway.stopping.session import Generation, RequestContext
+from gateway.stopping.session import Generation
+from gateway.stopping.spec import RequestContext
 from loadtest.fake_engine import FakeEngine, Script
 from tests.test_proxy import sse_events
 
