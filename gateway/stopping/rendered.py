@@ -26,11 +26,9 @@ from typing import Any
 
 from gateway.engine.client import EngineClient
 from gateway.errors import UpstreamError, UpstreamRejected
-from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from gateway.openai.protocol import PATHS, ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
 from gateway.stopping.continuation import continuation_body, sampling_body, template_fields
-
-PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 def refused_by_template(exc: UpstreamRejected) -> bool:

@@ -1,11 +1,10 @@
 """One request's generation: the upstream stream, the policy, the probes, the stop, the forced answer.
 
-``Generation.chunks()`` serves streaming and non-streaming clients alike. It
-owns the upstream stream: a stop leaves the ``async with`` block, which
-closes the connection so the engine aborts. A stop during the reasoning is
-followed by the route's ``answer_suffix`` and the model's short forced
-answer. The last chunk always carries ``finish_reason``, ``usage`` and the
-``stopgate`` extension.
+``Generation.chunks()`` serves streaming and non-streaming clients alike. A
+stop leaves the upstream ``async with`` block, which closes the connection so
+the engine aborts; a stop during the reasoning is followed by the route's
+``answer_suffix`` and the model's short forced answer. The last chunk always
+carries ``finish_reason``, ``usage`` and the ``stopgate`` extension.
 
 With a reasoning parser (vLLM's ``--reasoning-parser``) the thinking arrives
 in ``delta.reasoning`` / ``delta.reasoning_content`` and the first non-empty
@@ -27,22 +26,15 @@ from gateway.errors import GatewayError
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.openai.chunks import ChoiceDelta, ChunkParser, text_chunk
 from gateway.openai.logprobs import merged_request, token_choices, trim
-from gateway.openai.protocol import Endpoint
+from gateway.openai.protocol import PATHS
 from gateway.stopping.accounting import Accounting
 from gateway.stopping.continuation import as_answer, split_suffix, token_logprobs
 from gateway.stopping.cost import COST_STOP, CostMeter, sequences
 from gateway.stopping.probes import Probes
 from gateway.stopping.rendered import Continuer
-from gateway.stopping.spec import (
-    PASSTHROUGH,
-    RequestContext,
-    build_request_policy,
-    resolve_stop_spec,
-    upstream_body,
-)
+from gateway.stopping.spec import PASSTHROUGH, RequestContext, build_request_policy, resolve_stop_spec, upstream_body
 from policies.base import Action, Decision, ProbeResult, StopPolicy, TokenEvent
 
-PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 # Policies see the recent tail of the current phase, not all of it: the cost
 # per token stays constant however long the reasoning runs.
 TAIL_CHARS = 2048
