@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 Phase = Literal["thinking", "answer"]
 
@@ -87,6 +87,23 @@ class StopPolicy(Protocol):
     name: str
     #: True if probes must request token logprobs.
     wants_logprobs: bool
+
+    @property
+    def engine_params(self) -> Mapping[str, Any]:
+        """Fields the policy adds to the main stream's engine request (most policies: none).
+
+        Stop strings (``stop``, ``include_stop_str_in_output``) are an offer the gateway may decline: it hands
+        them only to a vLLM engine, and only when the client sent no stop strings of its own.
+        """
+        ...
+
+    @property
+    def engine_logprobs(self) -> int:
+        """How many top alternatives per main-stream token the policy reads (0: none).
+
+        The gateway asks the engine for at least that many and cuts each chunk back to what the client asked for.
+        """
+        ...
 
     def on_tokens(self, event: TokenEvent) -> Decision: ...
 

@@ -23,6 +23,7 @@ import math
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from policies.base import CONTINUE, Decision, PolicyError, ProbeResult, TokenEvent, stop
 
@@ -63,6 +64,10 @@ class BrakePolicy:
             raise PolicyError(f"window: must be in 0..4096 tokens (0: off), got {self.window}")
         if not 0.0 <= self.min_confidence <= 100.0:
             raise PolicyError(f"min_confidence: must be in [0, 100], got {self.min_confidence}")
+
+    @property
+    def engine_params(self) -> dict[str, Any]:
+        return {}
 
     @property
     def engine_logprobs(self) -> int:

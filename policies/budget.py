@@ -7,6 +7,7 @@ Every other policy runs inside a budget: it is the outer bound.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from policies.base import CONTINUE, Decision, PolicyError, ProbeResult, TokenEvent, stop
 
@@ -16,6 +17,8 @@ class BudgetPolicy:
     budget: int
     name: str = field(default="budget", init=False)
     wants_logprobs: bool = field(default=False, init=False)
+    engine_params: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    engine_logprobs: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.budget < 1:

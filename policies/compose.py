@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from policies.base import Action, Decision, ProbeResult, StopPolicy, TokenEvent
 from policies.budget import BudgetPolicy
@@ -20,6 +22,14 @@ class Bounded:
     def __post_init__(self) -> None:
         self.name = self.inner.name
         self.wants_logprobs = self.inner.wants_logprobs
+
+    @property
+    def engine_params(self) -> Mapping[str, Any]:
+        return self.inner.engine_params
+
+    @property
+    def engine_logprobs(self) -> int:
+        return self.inner.engine_logprobs
 
     def on_tokens(self, event: TokenEvent) -> Decision:
         outer = self.budget.on_tokens(event)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from policies.base import CONTINUE, PROBE, Decision, PolicyError, ProbeResult, TokenEvent, stop
 
@@ -21,6 +22,8 @@ class ConfidencePolicy:
     min_tokens: int = 0
     name: str = field(default="confidence", init=False)
     wants_logprobs: bool = field(default=True, init=False)
+    engine_params: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    engine_logprobs: int = field(default=0, init=False, repr=False)
     _next_probe_at: int = field(init=False, default=0)
     _last_at: int = field(init=False, default=-1)
 

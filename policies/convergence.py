@@ -12,6 +12,7 @@ empty, and results older than the newest one seen are stale and ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from policies.base import CONTINUE, PROBE, Decision, PolicyError, ProbeResult, TokenEvent, stop
 
@@ -29,6 +30,8 @@ class ConvergencePolicy:
     step_delimiter: str = ""
     name: str = field(default="convergence", init=False)
     wants_logprobs: bool = field(default=False, init=False)
+    engine_params: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    engine_logprobs: int = field(default=0, init=False, repr=False)
     _next_probe_at: int = field(init=False, default=0)
     _answers: list[str | None] = field(init=False, default_factory=list)
     _last_at: int = field(init=False, default=-1)

@@ -30,6 +30,7 @@ class CuePolicy:
     cues: tuple[str, ...]
     name: str = field(default="cue", init=False)
     wants_logprobs: bool = field(default=False, init=False)
+    engine_logprobs: int = field(default=0, init=False, repr=False)
     _longest: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:

@@ -8,6 +8,7 @@ of a model stuck in a loop. The check costs O(max_period x repeats) per event.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from policies.base import CONTINUE, Decision, PolicyError, ProbeResult, TokenEvent, stop
 
@@ -19,6 +20,8 @@ class LoopPolicy:
     repeats: int = 4
     name: str = field(default="loop", init=False)
     wants_logprobs: bool = field(default=False, init=False)
+    engine_params: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    engine_logprobs: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_period <= self.max_period:

@@ -121,6 +121,7 @@ class MarkerPolicy:
     _trusted: bool = field(default=False, repr=False)
     name: str = field(default="marker", init=False)
     wants_logprobs: bool = field(default=False, init=False)
+    engine_logprobs: int = field(default=0, init=False, repr=False)
     _regex: _Searcher = field(init=False, repr=False)
     _literal: str | None = field(init=False, repr=False)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from policies.base import CONTINUE, Decision, ProbeResult, TokenEvent
 
@@ -11,6 +12,8 @@ from policies.base import CONTINUE, Decision, ProbeResult, TokenEvent
 class NoPolicy:
     name: str = field(default="none", init=False)
     wants_logprobs: bool = field(default=False, init=False)
+    engine_params: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    engine_logprobs: int = field(default=0, init=False, repr=False)
 
     def on_tokens(self, event: TokenEvent) -> Decision:
         return CONTINUE

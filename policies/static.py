@@ -17,6 +17,7 @@ class StaticPolicy:
     thinking_token_budget: int
     name: str = field(default="static", init=False)
     wants_logprobs: bool = field(default=False, init=False)
+    engine_logprobs: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.thinking_token_budget < 0:

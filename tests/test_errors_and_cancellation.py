@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry
 from gateway.engine.client import Upstream
 from gateway.openai.protocol import CompletionRequest
 from gateway.settings import RouteConfig
-from gateway.stopping.session import Generation, RequestContext
+from gateway.stopping.session import Generation
+from gateway.stopping.spec import RequestContext
 from loadtest.fake_engine import FakeEngine, Script
 from tests.support.waiting import wait_until
 from tests.support.wire import assert_openai_error, sse_events

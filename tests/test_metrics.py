@@ -179,9 +179,9 @@ def test_a_failing_metric_update_never_fails_the_request(gateway: Any, monkeypat
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("metrics backend broke")
 
-    from gateway.http import api
+    from gateway import completions
 
-    monkeypatch.setattr(api, "_observe", broken)
+    monkeypatch.setattr(completions, "_observe", broken)
     r = httpx.post(f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x"}, timeout=10)
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
     with httpx.stream(

@@ -845,3 +845,37 @@ def test_convergence_with_a_step_delimiter_probes_only_at_step_ends() -> None:
         actions.append(policy.on_tokens(event).action)
     probe_at = [i for i, a in enumerate(actions, start=1) if a is Action.PROBE]
     assert probe_at == [6, 12, 18]  # each at a newline, at least 4 tokens after the last probe
+
+
+# -- what a policy asks of the engine (engine_params, engine_logprobs) ------
+
+
+@pytest.mark.parametrize("name", sorted(STREAM_POLICIES))
+def test_every_policy_says_what_it_asks_of_the_engine(name: str) -> None:
+    params: dict[str, Any] = {"thinking_token_budget": 8} if name == "static" else {}
+    if name == "marker":
+        params = {"pattern": "#### done"}
+    if name == "cue":
+        params = {"cues": ["\ncheck\n"]}
+    policy = build_policy(name, params, budget=64)
+    asked = {
+        "static": {"thinking_token_budget": 8},
+        "marker": {"stop": ["#### done"], "include_stop_str_in_output": True},
+        "cue": {"stop": ["\ncheck\n"], "include_stop_str_in_output": True},
+    }
+    assert dict(policy.engine_params) == asked.get(name, {})
+    assert policy.engine_logprobs == (5 if name == "brake" else 0)
+
+
+def test_bounded_asks_the_engine_what_its_inner_policy_asks() -> None:
+    from policies.brake import BrakePolicy
+
+    budget = BudgetPolicy(16)
+    assert Bounded(budget, StaticPolicy(32)).engine_params == {"thinking_token_budget": 32}
+    assert Bounded(budget, BrakePolicy(top_logprobs=7)).engine_logprobs == 7
+    assert Bounded(budget, NoPolicy()).engine_params == {} and Bounded(budget, NoPolicy()).engine_logprobs == 0
+
+
+def test_a_policy_that_asks_nothing_gets_its_own_empty_params() -> None:
+    first, second = NoPolicy(), LoopPolicy()
+    assert first.engine_params == {} and first.engine_params is not second.engine_params

@@ -222,6 +222,8 @@ def test_bad_stopping_settings_are_a_400(session_gateway: Any, stopgate: Any, sa
 class _Exploding:
     name: str = field(default="exploding", init=False)
     wants_logprobs: bool = field(default=False, init=False)
+    engine_params: dict[str, Any] = field(default_factory=dict, init=False)
+    engine_logprobs: int = field(default=0, init=False)
 
     def on_tokens(self, event: TokenEvent) -> Decision:
         if event.thinking_tokens > 5:

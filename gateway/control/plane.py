@@ -71,7 +71,8 @@ from gateway.evaluation.matching import ReferenceIndex, item_key, request_key, s
 from gateway.metrics import Metrics
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import ConfigError, RouteConfig, RoutesConfig, Settings
-from gateway.stopping.session import Generation, RequestContext
+from gateway.stopping.session import Generation
+from gateway.stopping.spec import RequestContext
 
 log = logging.getLogger("stopgate.control")
 

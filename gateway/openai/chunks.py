@@ -1,9 +1,11 @@
-"""Parse upstream chunks into tokens and text, and merge chunks into a response.
+"""OpenAI chunks in one place: parse them, read their text, build them, fold them into a response.
 
 The gateway always streams from the engine, even for a non-streaming client:
 the stop policies watch the token stream either way. ``ChunkParser`` turns
-each OpenAI chunk (completions or chat) into ``ChoiceDelta`` events, and
-``ResponseBuilder`` folds chunks back into one non-streaming response body.
+each OpenAI chunk (completions or chat) into ``ChoiceDelta`` events,
+``choice_text`` reads choice 0's text, ``text_chunk`` and ``response_chunk``
+build the chunks the gateway writes itself, and ``ResponseBuilder`` (or
+``collect``) folds chunks back into one non-streaming response body.
 
 An engine with a reasoning parser (vLLM's ``--reasoning-parser``) sends the
 thinking of a chat response in ``delta.reasoning`` (vLLM 0.32) or
@@ -14,6 +16,8 @@ answer in ``content``: ``ChoiceDelta.reasoning`` carries the former, and
 
 from __future__ import annotations
 
+import time
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,3 +181,77 @@ def _merge_logprobs(acc: dict[str, Any] | None, new: dict[str, Any]) -> dict[str
         elif key not in acc:
             acc[key] = value
     return acc
+
+
+def choice_text(chunk: Mapping[str, Any]) -> str:
+    """The text of choice 0 in a completion or chat chunk, or in a whole response."""
+    for choice in chunk.get("choices") or []:
+        if choice.get("index", 0) == 0:
+            if "text" in choice:
+                return str(choice.get("text") or "")
+            delta = choice.get("delta") or choice.get("message") or {}
+            return str(delta.get("content") or "")
+    return ""
+
+
+def text_chunk(
+    endpoint: Endpoint,
+    text: str,
+    *,
+    model: str,
+    meta: Mapping[str, Any],
+    default_id: str,
+    finish_reason: str | None = None,
+    field: str = "content",
+) -> dict[str, Any]:
+    """A one-choice chunk the gateway writes itself (chat: ``text`` in ``field`` of the delta).
+
+    ``meta`` holds the upstream stream's ``id``, ``object`` and ``created``, so the gateway's chunks join it.
+    """
+    chat = endpoint == "chat"
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    if chat:
+        choice["delta"] = {field: text} if text else {}
+    else:
+        choice["text"] = text
+    return {
+        "id": meta.get("id", default_id),
+        "object": meta.get("object", "chat.completion.chunk" if chat else "text_completion"),
+        "created": meta.get("created", int(time.time())),
+        "model": model,
+        "choices": [choice],
+    }
+
+
+def response_chunk(
+    body: Mapping[str, Any], endpoint: Endpoint, *, model: str, extension: dict[str, Any]
+) -> dict[str, Any]:
+    """A whole response (choice 0) as one final stream chunk; its ``usage`` is the extension's token count."""
+    chat = endpoint == "chat"
+    choice = dict(body["choices"][0])
+    if chat:
+        message = choice.pop("message", {})
+        choice["delta"] = {"role": "assistant", "content": message.get("content", "")}
+    tokens = extension["tokens"]
+    completion = tokens["thinking"] + tokens["answer"] + tokens["forced"]
+    return {
+        "id": body.get("id"),
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": body.get("created"),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": tokens["prompt"],
+            "completion_tokens": completion,
+            "total_tokens": tokens["prompt"] + completion,
+        },
+        "stopgate": extension,
+    }
+
+
+async def collect(chunks: AsyncIterator[dict[str, Any]], endpoint: Endpoint) -> dict[str, Any]:
+    """Read a chunk stream to its end and fold it into the non-streaming response body."""
+    builder = ResponseBuilder(endpoint)
+    async for chunk in chunks:
+        builder.add(chunk)
+    return builder.build()

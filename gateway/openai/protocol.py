@@ -108,6 +108,8 @@ class ChatCompletionRequest(_Common):
 
 
 Endpoint = Literal["completions", "chat"]
+# The engine path of each endpoint (the gateway serves the same paths).
+PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 def _no_constant(name: str) -> Any:

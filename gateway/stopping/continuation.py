@@ -1,25 +1,15 @@
-"""Side requests that continue the main generation: probes and forced answers.
+"""Side requests that continue the main generation (probes, forced answers) in the request's own format.
 
-They respect the prompt format of the request they continue:
+Completions: the raw prompt, the text generated so far, then a suffix from
+the route. Chat: the same messages plus a partial assistant message holding
+the text and the suffix, continued in place (vLLM's ``continue_final_message``;
+templates that strip the reasoning use gateway/stopping/rendered.py).
+Delimiters and suffixes are route settings, never a model's template.
 
-* ``/v1/completions``: the raw prompt, plus the text generated so far, plus a
-  suffix from the route config;
-* ``/v1/chat/completions``: the same messages, plus a partial assistant
-  message holding the generated text and the suffix, continued in place
-  (vLLM's ``continue_final_message`` with ``add_generation_prompt`` off).
-
-(For chat templates that strip the reasoning from assistant turns, the route's
-``continuation: rendered`` continues on the rendered prompt instead: gateway/stopping/rendered.py.)
-
-Nothing here knows a model's template: delimiters and suffixes are route
-settings.
-
-On an engine with a reasoning parser the continued text is ``think_open``
-plus the reasoning (the parser swallowed the delimiter; the model wrote it):
-with a chat template that renders the assistant message verbatim (the
-bundled model's), ``continue_final_message`` then continues the very same
-token sequence, and the parser sees ``think_close`` in the prompt, so the
-continuation streams as ``content``.
+With a reasoning parser the continued text is ``think_open`` plus the
+reasoning: the parser swallowed the delimiter the model wrote, and putting it
+back continues the very token sequence, so the continuation streams as
+``content``.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """The cost bound of one request: engine tokens at most ``max_cost_multiple`` times its own ``max_tokens``.
 
-Everything the engine generates for a request counts against one
-``CostMeter``: the main stream (every choice, every prompt of a batch), each
-probe, the forced answer and every ensemble sample (DESIGN decision 4). It is
-checked twice:
-
-* before any I/O, on what the request asks for: ``sequences x max_tokens``
-  (``n`` x prompts, or an ensemble's ``max_samples``) must fit, else a 400
-  that names ``max_cost_multiple``;
-* while it runs: a probe is launched only if it fits beside what the main
-  stream and the forced answer may still need (it is charged its
-  ``probe_max_tokens`` up front); the forced answer gets at most what is
-  left; the main stream stops (``stop_reason: cost_limit``) the moment it
-  would pass the ceiling; an ensemble draws no wave that would not fit.
+One ``CostMeter`` counts everything the engine generates for a request (DESIGN
+decision 4). Before any I/O, ``sequences x max_tokens`` must fit (else a 400
+naming ``max_cost_multiple``). While it runs, a probe launches only if it fits
+beside what the main stream and the forced answer may still need; the forced
+answer gets what is left; the main stream stops (``cost_limit``) at the
+ceiling; an ensemble draws no wave that would not fit.
 """
 
 from __future__ import annotations

@@ -1,41 +1,40 @@
-"""The ``ensemble`` policy: samples drawn in waves, voted on, stopped early when the vote is clear.
+"""The ensemble session: samples drawn in waves, voted on, stopped early when the vote is clear.
 
 Each sample is an ordinary ``Generation`` running the plan's inner policy
 (itself bounded by the budget). After each wave the pure rule in
 ``policies/ensemble.py`` says stop or draw more. The client gets the first
-sample that holds the majority answer, as one response; the extension adds
-the votes, and the token accounting sums every sample.
+sample that holds the majority answer, as one chunk; the extension adds the
+votes, and the token accounting sums every sample.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import fields
 from typing import Any
 
 from gateway.engine.client import EngineClient
 from gateway.errors import InvalidRequest, LimitExceeded
 from gateway.evaluation import get_extractor, get_normalizer
-from gateway.openai.chunks import ResponseBuilder
+from gateway.openai.chunks import choice_text, collect, response_chunk
 from gateway.openai.protocol import StopgateOptions
+from gateway.stopping.accounting import Accounting
 from gateway.stopping.cost import COST_STOP, CostMeter
 from gateway.stopping.probes import Probes
-from gateway.stopping.session import (
-    Accounting,
-    Generation,
-    RequestContext,
-    StopSpec,
-    max_tokens_for,
-    policy_param,
-    resolve_stop_spec,
-)
+from gateway.stopping.session import Generation
+from gateway.stopping.spec import ENSEMBLE, RequestContext, StopSpec, max_tokens_for, policy_param, resolve_stop_spec
 from policies.base import PolicyError
-from policies.ensemble import EnsembleParams, Verdict, judge, weighted_judge
+from policies.ensemble import Verdict, judge, weighted_judge
 from policies.registry import ensemble_params
 
 
 class EnsembleGeneration:
+    """A vote over several ``Generation`` samples, answered as one chunk: a ``Session``."""
+
+    #: Its answer is a vote of several runs, not one run at its stop spec: the EM sampler counts its tokens only.
+    evaluable = False
+
     def __init__(self, upstream: EngineClient, ctx: RequestContext, *, vllm: bool = True) -> None:
         self.upstream = upstream
         self.ctx = ctx
@@ -62,7 +61,7 @@ class EnsembleGeneration:
         self.cost.require(self.plan.max_samples, max_tokens, param="stopgate.params.max_samples", what="This ensemble")
         self._max_tokens = max_tokens
         self.accounting = Accounting()
-        self.policy_name = "ensemble"
+        self.policy_name = ENSEMBLE
         self.probes: Probes | None = None  # samples stop by themselves; the ensemble runs no probes of its own
         self.votes: list[str | None] = []
         self._extract = get_extractor(ctx.route.extractor, ctx.route.extractor_pattern)
@@ -89,7 +88,6 @@ class EnsembleGeneration:
             self.ctx.route,
             f"{self.ctx.request_id}-s{index}",
             self.ctx.max_n,
-            max_probes=self.ctx.max_probes,
             max_cost_multiple=self.ctx.max_cost_multiple,
             cost=self.cost,
         )
@@ -97,19 +95,11 @@ class EnsembleGeneration:
     def _first(self, index: int) -> Generation:
         return Generation(self.upstream, self._sample_ctx(index), vllm=self.vllm)
 
-    async def _draw(self, gen: Generation) -> dict[str, Any]:
-        builder = ResponseBuilder(self.ctx.endpoint)
-        async for chunk in gen.chunks():
-            builder.add(chunk)
-        return builder.build()
-
     def _answer(self, body: dict[str, Any]) -> str | None:
-        choice = body["choices"][0] if body["choices"] else {}
-        text = choice.get("text") if "text" in choice else (choice.get("message") or {}).get("content")
-        raw = self._extract(text or "")
+        raw = self._extract(choice_text(body))
         return self._normalize(raw) if raw is not None else None
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         samples: list[tuple[Generation, dict[str, Any]]] = []
         wave = self.plan.wave
         verdict = Verdict(False, None, "drawing", wave)
@@ -119,7 +109,7 @@ class EnsembleGeneration:
                 verdict = Verdict(True, verdict.answer, COST_STOP)
                 break
             gens = [self._first(len(samples) + i) for i in range(wave)]
-            bodies = await asyncio.gather(*(self._draw(g) for g in gens))
+            bodies = await asyncio.gather(*(collect(g.chunks(), self.ctx.endpoint) for g in gens))
             for gen, body in zip(gens, bodies, strict=True):
                 samples.append((gen, body))
                 self.votes.append(self._answer(body))
@@ -127,7 +117,8 @@ class EnsembleGeneration:
             verdict = weighted_judge(self.votes, self.plan) if self.plan.members else judge(self.votes, self.plan)
             wave = verdict.next_wave
         chosen = next((b for (_, b), v in zip(samples, self.votes, strict=True) if v == verdict.answer), samples[0][1])
-        yield from_response(chosen, self.ctx, self._extension(verdict, len(samples)))
+        extension = self._extension(verdict, len(samples))
+        yield response_chunk(chosen, self.ctx.endpoint, model=self.ctx.request.model, extension=extension)
 
     def _extension(self, verdict: Verdict, drawn: int) -> dict[str, Any]:
         acc = self.accounting
@@ -155,34 +146,3 @@ def _add(total: Accounting, part: Accounting) -> None:
     if total.first_token_at is None:
         total.first_token_at = part.first_token_at
     total.stop_reason = "ensemble"
-
-
-def from_response(body: dict[str, Any], ctx: RequestContext, extension: dict[str, Any]) -> dict[str, Any]:
-    """A whole response as one final stream chunk (the client's ``usage`` counts every sample)."""
-    chat = ctx.endpoint == "chat"
-    choice = dict(body["choices"][0])
-    if chat:
-        message = choice.pop("message", {})
-        choice["delta"] = {"role": "assistant", "content": message.get("content", "")}
-    tokens = extension["tokens"]
-    completion = tokens["thinking"] + tokens["answer"] + tokens["forced"]
-    return {
-        "id": body.get("id"),
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": body.get("created"),
-        "model": ctx.request.model,
-        "choices": [choice],
-        "usage": {
-            "prompt_tokens": tokens["prompt"],
-            "completion_tokens": completion,
-            "total_tokens": tokens["prompt"] + completion,
-        },
-        "stopgate": extension,
-    }
-
-
-def is_ensemble(ctx: RequestContext) -> bool:
-    return resolve_stop_spec(ctx).policy == "ensemble"
-
-
-__all__ = ["EnsembleGeneration", "EnsembleParams", "is_ensemble"]

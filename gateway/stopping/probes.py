@@ -1,16 +1,10 @@
 """Answer probes that run beside the main stream, never pausing it.
 
-``Probes.launch`` starts a side generation on the current prefix and returns
-at once. Results reach the policy through ``on_result`` as they arrive. At
-most ``max_inflight_probes`` run at a time: a launch while that many run is
-skipped, so that a slow engine still completes the probes it has (cancelling
-the oldest every time would, under load, cancel every probe before it
-answers), unless the oldest was launched ``STALE_TOKENS`` or more reasoning
-tokens ago: its answer is old news by then, and a stuck probe must not block
+``launch`` returns at once; results reach the policy through ``on_result``.
+While ``max_inflight_probes`` run, a launch is skipped rather than cancelling
+the oldest (under load that would cancel every probe before it answers),
+unless the oldest is ``STALE_TOKENS`` behind: a stuck probe must not block
 probing for the rest of the request.
-At most ``max_probes`` are launched per request.
-``aclose`` cancels whatever is still running; the engine aborts each one as
-its connection closes.
 """
 
 from __future__ import annotations
@@ -66,8 +60,6 @@ class Probes:
         normalizer: Normalizer,
         logprobs: bool,
         on_result: Callable[[ProbeResult], None],
-        on_duration: Callable[[float], None] | None = None,
-        max_probes: int | None = None,
         continuer: Continuer | None = None,
     ) -> None:
         self.upstream = upstream
@@ -83,8 +75,7 @@ class Probes:
         self.normalizer = normalizer
         self.logprobs = logprobs
         self.on_result = on_result
-        self.on_duration = on_duration
-        self.max_probes = route.max_probes if max_probes is None else min(max_probes, route.max_probes)
+        self.max_probes = route.max_probes
         self.stats = ProbeStats()
         self._inflight: list[asyncio.Task[None]] = []
         self._launched_at: dict[asyncio.Task[None], int] = {}
@@ -153,8 +144,6 @@ class Probes:
             elapsed = time.monotonic() - started
             self.stats.seconds += elapsed
             self.stats.durations.append(elapsed)
-            if self.on_duration is not None:
-                self.on_duration(elapsed)
         self.stats.completed += 1
         text = "".join(pieces)
         raw = self.extractor(self.route.probe_suffix + text)

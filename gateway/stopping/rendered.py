@@ -1,27 +1,18 @@
-"""Where a side generation (probe, forced answer) goes, and on which prompt.
+"""Where a side generation (probe, forced answer) goes, and on which prompt: the route's ``continuation``.
 
-A route's ``continuation`` setting picks how chat requests are continued:
-
-* ``message`` (the default): ``/v1/chat/completions`` with the client's
-  messages plus a partial assistant message, continued in place
-  (``continue_final_message``; see gateway/stopping/continuation.py). It needs a chat
-  template that renders that assistant message verbatim. Templates that
-  strip the reasoning from assistant turns (DeepSeek-R1's) make vLLM refuse
-  it with a 400: "final message does not appear ...".
-* ``rendered``: ``/v1/completions`` on the prompt the engine's own template
-  renders for the client's messages with ``add_generation_prompt`` (from
-  ``POST /tokenize`` then ``POST /detokenize``, fetched once per request and
-  shared by all its side generations), plus ``think_open`` (unless the
-  template's generation prompt already opens the thinking) plus the reasoning
-  plus the suffix. That is the very text the model was continuing, whatever
-  the template does to past assistant turns. The engine's completions chunks
-  are text chunks; the forced answer turns them into chat chunks for the
-  client with the gateway's own chunk builder.
-
-* ``auto``: ``message`` until the engine refuses it with that 400, then
-  ``rendered`` for the rest of the request (the refused request is retried
-  at once). It costs one refused request per request on such a template; name
-  the construction where the template is known.
+* ``message`` (default): ``/v1/chat/completions`` with the client's messages
+  plus a partial assistant message, continued in place (gateway/stopping/
+  continuation.py). Templates that strip the reasoning from assistant turns
+  (DeepSeek-R1's) make vLLM refuse it with a 400 ("final message does not
+  appear ...").
+* ``rendered``: ``/v1/completions`` on the engine's own rendering of the
+  messages (``POST /tokenize`` then ``/detokenize``, once per request), plus
+  ``think_open`` unless the generation prompt opens the thinking, plus the
+  reasoning and the suffix: the very text the model was continuing. Its text
+  chunks become chat chunks for the client.
+* ``auto``: ``message`` until the engine refuses it, then ``rendered`` for the
+  rest of the request (one refused request each; name the construction where
+  the template is known).
 
 Completions requests are continued on their text prompt either way.
 """
@@ -35,11 +26,9 @@ from typing import Any
 
 from gateway.engine.client import EngineClient
 from gateway.errors import UpstreamError, UpstreamRejected
-from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
+from gateway.openai.protocol import PATHS, ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
 from gateway.stopping.continuation import continuation_body, sampling_body, template_fields
-
-PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 
 
 def refused_by_template(exc: UpstreamRejected) -> bool:

@@ -1,62 +1,40 @@
 """One request's generation: the upstream stream, the policy, the probes, the stop, the forced answer.
 
-``Generation.chunks()`` is the single path for streaming and non-streaming
-clients. It owns the upstream stream: a stop decision leaves the
-``async with`` block, which closes the connection so the engine aborts the
-request. If the stop came during the reasoning, the gateway then closes the
-reasoning itself (the route's ``answer_suffix``, e.g. ``</think>\\n####``)
-and streams the model's short forced answer. Every response ends with a
-chunk that carries ``finish_reason``, ``usage`` and the ``stopgate``
-extension (stop reason, budget, policy, tokens by kind), whether the client
-asked for usage or not.
+``Generation.chunks()`` serves streaming and non-streaming clients alike. A
+stop leaves the upstream ``async with`` block, which closes the connection so
+the engine aborts; a stop during the reasoning is followed by the route's
+``answer_suffix`` and the model's short forced answer. The last chunk always
+carries ``finish_reason``, ``usage`` and the ``stopgate`` extension.
 
-Two shapes of chat stream are served alike. Without a reasoning parser the
-thinking is text: ``<think>`` ... the route's ``think_close`` ... answer. With
-one (vLLM's ``--reasoning-parser``) the thinking arrives in
-``delta.reasoning`` / ``delta.reasoning_content`` and the delimiters never
-appear: reasoning deltas are the thinking, and the first non-empty
-``content`` ends it. Side generations then continue ``think_open`` plus the
-reasoning (the text the model really wrote), and the forced answer reaches
-the client in ``content``: the part of ``answer_suffix`` before
-``think_close`` goes to the reasoning field the engine used, the rest to
-``content``, and the delimiter itself is never shown.
+With a reasoning parser (vLLM's ``--reasoning-parser``) the thinking arrives
+in ``delta.reasoning`` / ``delta.reasoning_content`` and the first non-empty
+``content`` ends it; side generations continue ``think_open`` plus that
+reasoning, and the forced answer's delimiter is never shown to the client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
 
-from gateway.control.controller import Controlled
 from gateway.engine.client import EngineClient
-from gateway.errors import GatewayError, InvalidRequest, LimitExceeded
+from gateway.errors import GatewayError
 from gateway.evaluation import get_extractor, get_normalizer
-from gateway.openai.chunks import ChoiceDelta, ChunkParser
+from gateway.openai.chunks import ChoiceDelta, ChunkParser, text_chunk
 from gateway.openai.logprobs import merged_request, token_choices, trim
-from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
-from gateway.settings import RouteConfig
-from gateway.stopping.accounting import (
-    Accounting as Accounting,  # re-exported: gateway/stopping/ensemble.py imports it here
-)
-from gateway.stopping.continuation import as_answer, split_suffix, text_prompt, token_logprobs
+from gateway.openai.protocol import PATHS
+from gateway.stopping.accounting import Accounting
+from gateway.stopping.continuation import as_answer, split_suffix, token_logprobs
 from gateway.stopping.cost import COST_STOP, CostMeter, sequences
 from gateway.stopping.probes import Probes
 from gateway.stopping.rendered import Continuer
-from policies.base import Action, Decision, PolicyError, ProbeResult, StopPolicy, TokenEvent
-from policies.brake import BrakePolicy
-from policies.compose import Bounded
-from policies.cue import CuePolicy
-from policies.marker import MarkerPolicy
-from policies.registry import build_policy
-from policies.static import StaticPolicy
+from gateway.stopping.spec import PASSTHROUGH, RequestContext, build_request_policy, resolve_stop_spec, upstream_body
+from policies.base import Action, Decision, ProbeResult, StopPolicy, TokenEvent
 
-PATHS: dict[Endpoint, str] = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
-PASSTHROUGH = "none"
 # Policies see the recent tail of the current phase, not all of it: the cost
 # per token stays constant however long the reasoning runs.
 TAIL_CHARS = 2048
@@ -69,107 +47,12 @@ class PolicyFailed(GatewayError):
     code = "policy_error"
 
 
-@dataclass(frozen=True)
-class RequestContext:
-    endpoint: Endpoint
-    request: CompletionRequest | ChatCompletionRequest
-    route: RouteConfig
-    request_id: str
-    max_n: int = 8
-    max_probes: int | None = None  # the gateway-wide cap, if tighter than the route's
-    controlled: Controlled | None = None  # the controller's settings; the request's override wins
-    max_cost_multiple: float = (
-        16.0  # engine tokens per request, as a multiple of its max_tokens (gateway/stopping/cost.py)
-    )
-    max_ensemble_samples: int = 8
-    cost: CostMeter | None = None  # shared by an ensemble's samples; else the request gets its own
-
-
-@dataclass(frozen=True)
-class StopSpec:
-    """The stopping settings one request runs with: route defaults, then the request's override."""
-
-    policy: str
-    params: dict[str, Any]
-    budget: int
-
-
-def resolve_stop_spec(ctx: RequestContext) -> StopSpec:
-    route = ctx.route
-    override = ctx.request.stopgate
-    policy = route.policy.name
-    params = dict(route.policy.params)
-    budget = route.budget
-    if ctx.controlled is not None:
-        budget = ctx.controlled.budget
-        if ctx.controlled.param is not None:
-            params[ctx.controlled.param] = ctx.controlled.value
-    if override is not None:
-        if override.policy is not None and override.policy != policy:
-            policy, params = override.policy, {}
-        if override.params is not None:
-            params = {**params, **override.params}
-        if override.budget is not None:
-            budget = override.budget
-    return StopSpec(policy, params, budget)
-
-
-def max_tokens_for(ctx: RequestContext) -> int:
-    req = ctx.request
-    asked = req.effective_max_tokens if isinstance(req, ChatCompletionRequest) else req.max_tokens
-    if asked is None:
-        return ctx.route.default_max_tokens
-    if asked > ctx.route.max_tokens_limit:
-        raise LimitExceeded(
-            f"max_tokens={asked} exceeds the limit of {ctx.route.max_tokens_limit} for model '{req.model}'.",
-            param="max_tokens",
-        )
-    return asked
-
-
-def upstream_body(ctx: RequestContext, *, vllm: bool) -> dict[str, Any]:
-    """The engine request: the client's fields, our model name, always streamed with usage."""
-    req = ctx.request
-    if req.n > ctx.max_n:
-        raise LimitExceeded(f"n={req.n} exceeds the limit of {ctx.max_n}.", param="n")
-    body = req.passthrough()
-    body["model"] = ctx.route.upstream_model
-    body["max_tokens"] = max_tokens_for(ctx)
-    body["stream"] = True
-    options: dict[str, Any] = {"include_usage": True}
-    if vllm:
-        options["continuous_usage_stats"] = True
-    body["stream_options"] = options
-    return body
-
-
-def policy_param(exc: PolicyError) -> str:
-    """The request field a bad policy setting came from, e.g. ``stopgate.params.pattern``."""
-    return f"stopgate.params.{exc.param}" if exc.param else "stopgate"
-
-
-def build_request_policy(ctx: RequestContext, spec: StopSpec) -> StopPolicy | None:
-    """The request's policy, or None for a plain pass-through. Bad settings are a 400."""
-    if spec.policy == "ensemble":
-        raise InvalidRequest("policy 'ensemble' is served by the ensemble path", param="stopgate.policy")
-    try:
-        policy = build_policy(spec.policy, spec.params, budget=spec.budget, trusted_patterns=ctx.route.trusted_patterns)
-    except PolicyError as exc:
-        raise InvalidRequest(f"Invalid stopping settings: {exc}", param=policy_param(exc)) from exc
-    if ctx.request.n > 1:
-        if spec.policy not in (PASSTHROUGH, "static"):
-            raise InvalidRequest(
-                f"policy '{spec.policy}' stops one sequence at a time; with n > 1 use stopgate.policy 'none' "
-                "or 'ensemble'.",
-                param="n",
-            )
-        return None
-    if isinstance(ctx.request, CompletionRequest):
-        text_prompt(ctx.request)  # a 400 now if the prompt cannot be continued
-    return policy
-
-
 class Generation:
+    """One sequence stopped by one policy (or passed through): a ``Session``."""
+
+    #: The EM sampler may score its answer and rerun it (gold, shadow).
+    evaluable = True
+
     def __init__(self, upstream: EngineClient, ctx: RequestContext, *, vllm: bool = True) -> None:
         self.upstream = upstream
         self.ctx = ctx
@@ -189,22 +72,8 @@ class Generation:
         else:
             self.cost = ctx.cost
         self._engine_stops: frozenset[str] = frozenset()  # the stop strings the gateway (not the client) added
-        if isinstance(self.policy, Bounded):
-            inner = self.policy.inner
-            if isinstance(inner, StaticPolicy):
-                self._body.update(inner.engine_params)
-            # The engine may stop at a plain-string marker or cue itself, unless the client set stop strings.
-            elif (
-                isinstance(inner, MarkerPolicy | CuePolicy)
-                and vllm
-                and not {"stop", "include_stop_str_in_output"} & set(self._body)
-            ):
-                self._body.update(inner.engine_params)
-                self._engine_stops = frozenset(inner.engine_params.get("stop", ()))
-            elif isinstance(inner, BrakePolicy):
-                # Whatever the client sent (logprobs false, fewer top entries), the engine returns what brake reads.
-                self._client_top = merged_request(ctx.endpoint, self._body, inner.engine_logprobs)
-                self._top = True
+        if self.policy is not None:
+            self._ask_engine(self.policy)
         self._parser = ChunkParser(ctx.endpoint)
         self._meta: dict[str, Any] = {}
         self._phase = "thinking"
@@ -231,9 +100,22 @@ class Generation:
                 normalizer=get_normalizer(route.normalizer),
                 logprobs=self.policy.wants_logprobs,
                 on_result=self._on_probe,
-                max_probes=ctx.max_probes,
                 continuer=self.continuer,
             )
+
+    def _ask_engine(self, policy: StopPolicy) -> None:
+        """Add what the policy asks of the engine to the engine request, as far as the client leaves room."""
+        params = policy.engine_params
+        if "stop" not in params:
+            self._body.update(params)
+        # The engine may stop at a plain-string marker or cue itself, unless the client set stop strings.
+        elif self.vllm and not {"stop", "include_stop_str_in_output"} & set(self._body):
+            self._body.update(params)
+            self._engine_stops = frozenset(params["stop"])
+        if policy.engine_logprobs:
+            # Whatever the client sent (logprobs false, fewer top entries), the engine returns what the policy reads.
+            self._client_top = merged_request(self.ctx.endpoint, self._body, policy.engine_logprobs)
+            self._top = True
 
     # -- the policy side --------------------------------------------------
 
@@ -339,7 +221,7 @@ class Generation:
 
     # -- the stream side --------------------------------------------------
 
-    async def chunks(self) -> AsyncIterator[dict[str, Any]]:
+    async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         acc = self.accounting
         usage: dict[str, Any] | None = None
         held: dict[str, Any] | None = None
@@ -598,17 +480,13 @@ class Generation:
         return out
 
     def _text_chunk(self, text: str, *, finish_reason: str | None = None, field: str = "content") -> dict[str, Any]:
-        """A chunk the gateway writes itself, in the endpoint's format (chat: in ``field`` of the delta)."""
-        chat = self.ctx.endpoint == "chat"
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
-        if chat:
-            choice["delta"] = {field: text} if text else {}
-        else:
-            choice["text"] = text
-        return {
-            "id": self._meta.get("id", f"cmpl-{self.ctx.request_id}"),
-            "object": self._meta.get("object", "chat.completion.chunk" if chat else "text_completion"),
-            "created": self._meta.get("created", int(time.time())),
-            "model": self.ctx.request.model,
-            "choices": [choice],
-        }
+        """A chunk the gateway writes itself, joined to the upstream stream (chat: in ``field`` of the delta)."""
+        return text_chunk(
+            self.ctx.endpoint,
+            text,
+            model=self.ctx.request.model,
+            meta=self._meta,
+            default_id=f"cmpl-{self.ctx.request_id}",
+            finish_reason=finish_reason,
+            field=field,
+        )
