@@ -20,7 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.control.plane import ControlPlane
-from gateway.control.store import open_store
+from gateway.control.stores import open_store
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, Settings, build_settings
 from loadtest.fake_engine import FakeEngine, Script

@@ -16,7 +16,8 @@ import pytest
 
 from gateway.control.lease import Lease
 from gateway.control.redis_store import Conflict, RedisLog, RedisStore, StaleLease
-from gateway.control.store import SampleRecord, Store, open_store
+from gateway.control.store import SampleRecord, Store
+from gateway.control.stores import open_store
 from loadtest.redis_server import RedisServer
 
 # The behaviour every store shares, run here against Redis (the fixture below replaces theirs).

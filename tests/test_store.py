@@ -21,15 +21,10 @@ from typing import Any
 
 import pytest
 
-from gateway.control.store import (
-    SCHEMA_VERSION,
-    MemoryStore,
-    SampleRecord,
-    SQLiteStore,
-    Store,
-    StoreError,
-    open_store,
-)
+from gateway.control.memory_store import MemoryStore
+from gateway.control.sqlite_store import SCHEMA_VERSION, SQLiteStore
+from gateway.control.store import SampleRecord, Store, StoreError
+from gateway.control.stores import open_store
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -266,7 +261,8 @@ def test_pruning_runs_periodically_not_on_every_write(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys
-from gateway.control.store import SampleRecord, SQLiteStore
+from gateway.control.sqlite_store import SQLiteStore
+from gateway.control.store import SampleRecord
 
 store = SQLiteStore(sys.argv[1])
 state = store.load("arith")

@@ -16,7 +16,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.control.fleet import Fleet, join_fleet
 from gateway.control.plane import ControlPlane
-from gateway.control.store import Store, open_store
+from gateway.control.store import Store
+from gateway.control.stores import open_store
 from gateway.engine.client import Upstream
 from gateway.engine.pool import UpstreamPool
 from gateway.errors import GatewayError, InvalidRequest, internal_error
