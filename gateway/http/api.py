@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from gateway.control.plane import choice_text
 from gateway.engine.client import EngineClient
 from gateway.errors import (
     ClientClosed,
@@ -33,7 +32,7 @@ from gateway.http.openapi import errors, json_body
 from gateway.http.services import Services
 from gateway.metrics import UNKNOWN_POLICY, UNKNOWN_ROUTE
 from gateway.openai import sse
-from gateway.openai.chunks import ResponseBuilder
+from gateway.openai.chunks import ResponseBuilder, choice_text
 from gateway.openai.fields import check_client_fields
 from gateway.openai.protocol import (
     ChatCompletionRequest,
@@ -154,7 +153,7 @@ async def _generate(request: Request, endpoint: Endpoint) -> Response:
             max_batch_prompts=settings.max_batch_prompts,
         )
         ticket.enter_route(route)
-        item = services.control.match(route, req)
+        item = services.sampler.match(route, req)
         ctx = RequestContext(
             endpoint,
             req,
@@ -276,13 +275,13 @@ def _count_live(services: Services, gen: AnyGeneration) -> None:
 
 
 def _finished(services: Services, gen: AnyGeneration, item: ReferenceItem | None, text: str) -> None:
-    """Hand a successful request to the control plane: live tokens, a gold sample, maybe a shadow rerun.
+    """Hand a successful request to the sampler: live tokens, a gold sample, maybe a shadow rerun.
 
     Bookkeeping never fails the request it counts: an error here is logged.
     """
     try:
         if isinstance(gen, Generation):
-            services.control.finished(gen, item, text, services.upstream)
+            services.sampler.finished(gen, item, text)
         else:
             services.control.count_live(gen.ctx.route.name, gen.accounting.net)
     except Exception:

@@ -177,3 +177,14 @@ def _merge_logprobs(acc: dict[str, Any] | None, new: dict[str, Any]) -> dict[str
         elif key not in acc:
             acc[key] = value
     return acc
+
+
+def choice_text(chunk: dict[str, Any]) -> str:
+    """The text of choice 0 in a completion or chat chunk."""
+    for choice in chunk.get("choices") or []:
+        if choice.get("index", 0) == 0:
+            if "text" in choice:
+                return str(choice.get("text") or "")
+            delta = choice.get("delta") or choice.get("message") or {}
+            return str(delta.get("content") or "")
+    return ""
