@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -40,13 +39,8 @@ from gateway.stopping.runner import runner
 log = logging.getLogger("stopgate")
 
 
-def create_app(
-    settings: Settings,
-    *,
-    registry: CollectorRegistry | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> FastAPI:
-    """Build the gateway. ``transport`` is the seam tests plug a fake engine into."""
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> FastAPI:
+    """Build the gateway; ``registry`` takes its metrics (a fresh one per test)."""
     if settings.upstream_url is None:
         raise ConfigError("upstream_url: create_app needs an upstream; `stopgate serve` starts the embedded engine")
     routes = settings.load_routes()
@@ -69,7 +63,6 @@ def create_app(
                 connect_timeout_s=settings.connect_timeout_s,
                 read_timeout_s=settings.read_timeout_s,
                 max_connections=settings.max_upstream_connections,
-                transport=transport,
             )
             for url in settings.upstream_urls
         ]
