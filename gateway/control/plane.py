@@ -31,7 +31,13 @@ from gateway.control.controller import (
 from gateway.control.shared import Shared, Versioned, unavailable_if_shared
 from gateway.control.store import SampleRecord, Store
 from gateway.errors import InvalidRequest, NotFound
-from gateway.evaluation import ReferenceSet, ReferenceSetError, load_reference_file, parse_reference_lines
+from gateway.evaluation import (
+    ReferenceIssue,
+    ReferenceSet,
+    ReferenceSetError,
+    load_reference_file,
+    parse_reference_lines,
+)
 from gateway.evaluation.matching import ReferenceIndex
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, RouteConfig, RoutesConfig, Settings
@@ -104,8 +110,6 @@ def route_references(route: RouteConfig, stored: list[tuple[str, str]]) -> Refer
 
 def check_route(route: RouteConfig, ref_set: ReferenceSet) -> ReferenceSet:
     """A set for ``route`` holds only items of that route: anything else is a mistake in the upload."""
-    from gateway.evaluation import ReferenceIssue
-
     wrong = [
         ReferenceIssue(number, "route", f"item {item.id!r} belongs to route {item.route!r}, not {route.name!r}")
         for number, item in enumerate(ref_set, start=1)
