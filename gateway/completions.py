@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import anyio
 
@@ -31,7 +31,6 @@ from gateway.openai.chunks import choice_text, collect
 from gateway.openai.fields import check_client_fields
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint, validate_request
 from gateway.stopping.base import Session, open_session
-from gateway.stopping.session import Generation
 from gateway.stopping.spec import RequestContext
 
 log = logging.getLogger("stopgate")
@@ -79,7 +78,7 @@ class Completion:
             max_batch_prompts=settings.max_batch_prompts,
         )
         self._ticket.enter_route(route)
-        self._item = services.control.match(route, req)
+        self._item = services.sampler.match(route, req)
         ctx = RequestContext(
             self.endpoint,
             req,
@@ -204,8 +203,7 @@ def _finished(services: Services, session: Session, item: ReferenceItem | None, 
     """
     try:
         if session.evaluable:
-            # The plane still names the Generation type; it reads only ctx, spec and accounting (a Session's).
-            services.control.finished(cast(Generation, session), item, text, services.upstream)
+            services.sampler.finished(session, item, text)
         else:
             services.control.count_live(session.ctx.route.name, session.accounting.net)
     except Exception:

@@ -20,9 +20,11 @@ import yaml
 from prometheus_client import CollectorRegistry
 
 from gateway.control.plane import ControlPlane
-from gateway.control.store import open_store
+from gateway.control.stores import open_store
+from gateway.evaluation.sampler import Sampler
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, Settings, build_settings
+from gateway.stopping.runner import runner
 from loadtest.fake_engine import FakeEngine, Script
 from policies.base import Action, PolicyError, TokenEvent
 from policies.marker import MAX_CLIENT_PATTERN_CHARS, MarkerPolicy
@@ -402,7 +404,9 @@ def test_the_canary_loop_survives_any_exception_and_counts_it(tmp_path: Path) ->
         state_path=":memory:",
     )
     metrics = Metrics(CollectorRegistry())
-    plane = ControlPlane(settings, settings.load_routes(), open_store(":memory:"), metrics, in_flight=lambda: 0)
+    plane = ControlPlane(settings, settings.load_routes(), open_store(":memory:"), metrics)
+    replay = runner(_BrokenEngine(), vllm=settings.upstream_is_vllm)  # type: ignore[arg-type]
+    sampler = Sampler(settings, plane, metrics, run=replay, in_flight=lambda: 0)
     plane.count_live("arith", 10_000)
     naps = 0
 
@@ -414,7 +418,7 @@ def test_the_canary_loop_survives_any_exception_and_counts_it(tmp_path: Path) ->
 
     async def run() -> None:
         with pytest.raises(asyncio.CancelledError):
-            await plane.run_canaries(_BrokenEngine(), sleep=sleep)  # type: ignore[arg-type]
+            await sampler.run_canaries(sleep=sleep)
 
     asyncio.run(run())
     assert metrics.registry.get_sample_value("stopgate_background_errors_total", {"task": "canary"}) == 3

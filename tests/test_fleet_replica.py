@@ -22,6 +22,7 @@ from gateway.control.plane import ControlPlane
 from gateway.control.redis_store import RedisLog, RedisStore
 from gateway.control.store import SampleRecord
 from gateway.errors import StateUnavailable
+from gateway.evaluation.sampler import Live, Sampler
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from loadtest.redis_server import RedisServer
@@ -34,11 +35,16 @@ ROUTE = "arith"
 @dataclass
 class Replica:
     plane: ControlPlane
+    sampler: Sampler
     fleet: Fleet
     metrics: Metrics
 
     def value(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def _no_engine(*args: Any) -> tuple[Live, str]:
+    raise AssertionError("these replicas have no engine: no evaluation run may start")
 
 
 @asynccontextmanager
@@ -51,11 +57,12 @@ async def replica(
     settings = Settings(upstream_url="http://127.0.0.1:9", routes_file=routes, state_url=server.url)
     metrics = Metrics(CollectorRegistry())
     store = RedisStore(server.url, prefix=prefix)
-    plane = ControlPlane(settings, settings.load_routes(), store, metrics, in_flight=lambda: 0)
+    plane = ControlPlane(settings, settings.load_routes(), store, metrics)
+    sampler = Sampler(settings, plane, metrics, run=_no_engine, in_flight=lambda: 0)
     fleet = Fleet(plane, RedisLog.from_url(server.url, prefix=prefix), metrics, replica=name, **fleet_args)
     plane.fleet = fleet
     try:
-        yield Replica(plane, fleet, metrics)
+        yield Replica(plane, sampler, fleet, metrics)
     finally:
         if fleet._task is not None:
             fleet._task.cancel()
@@ -288,9 +295,9 @@ def test_shutdown_appends_the_samples_of_evaluation_runs_that_finish_while_it_dr
                 await release.wait()
                 a.fleet.submit(sample(ROUTE, source="shadow", budget=64, tokens=30), True)
 
-            a.plane._spawn(shadow_run())
+            a.sampler._spawn(shadow_run())
             asyncio.get_running_loop().call_soon(release.set)  # the run ends once shutdown has begun
-            await close_control(a.plane, a.fleet)
+            await close_control(a.sampler, a.plane, a.fleet)
             a.fleet._task = None
 
     asyncio.run(go())

@@ -14,7 +14,8 @@ import pytest
 
 from gateway.control.lease import Lease
 from gateway.control.redis_store import Conflict, RedisLog, RedisStore, StaleLease
-from gateway.control.store import SampleRecord, Store, open_store
+from gateway.control.store import SampleRecord, Store
+from gateway.control.stores import open_store
 from loadtest.redis_server import RedisServer
 
 # The behaviour every store shares, run here against Redis (the fixture below replaces theirs).
@@ -203,7 +204,7 @@ def test_samples_buffered_while_redis_is_down_are_appended_in_order_and_overflow
     server.start()
     settings = Settings(upstream_url="http://127.0.0.1:9", routes_file=write_routes(tmp_path), state_url=server.url)
     metrics = Metrics(CollectorRegistry())
-    plane = ControlPlane(settings, settings.load_routes(), RedisStore(server.url), metrics, in_flight=lambda: 0)
+    plane = ControlPlane(settings, settings.load_routes(), RedisStore(server.url), metrics)
     fleet = Fleet(plane, RedisLog.from_url(server.url), metrics, buffer_max=3)
     plane.fleet = fleet
     registry = metrics.registry

@@ -19,14 +19,10 @@ from typing import Any
 
 import pytest
 
-from gateway.control.store import (
-    SCHEMA_VERSION,
-    MemoryStore,
-    SQLiteStore,
-    Store,
-    StoreError,
-    open_store,
-)
+from gateway.control.memory_store import MemoryStore
+from gateway.control.sqlite_store import SCHEMA_VERSION, SQLiteStore
+from gateway.control.store import Store, StoreError
+from gateway.control.stores import open_store
 
 # The behaviour every store shares, run here against the memory and SQLite stores of `make_store`.
 from tests.support.store_contract import (  # noqa: F401  (the contract's tests, collected here)
@@ -131,7 +127,9 @@ def test_pruning_runs_periodically_not_on_every_write(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys
-from gateway.control.store import SampleRecord, SQLiteStore
+from gateway.control.sqlite_store import SQLiteStore
+from gateway.control.store import SampleRecord
+
 store = SQLiteStore(sys.argv[1])
 state = store.load("arith")
 i = 0 if state is None else state["revision"]

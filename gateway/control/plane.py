@@ -1,42 +1,17 @@
-"""The control plane: EM samples in, budgets out, per route.
+"""The control plane: per route, the controller's state, its references and counters; admin operations.
 
-For each route with a ``control`` block it keeps the controller's state, the
-route's reference items and the evaluation spend, and it runs the evaluation
-work (docs/controller.md):
-
-* ``gold``: a live request that names a reference item (``reference_id``) or
-  whose normalised prompt matches one is scored against the item's answers.
-  It costs nothing extra.
-* ``canary``: a background task replays random reference items through the
-  same generation path, at the route's current settings, greedy.
-* ``shadow``: a sampled share of early-stopped live requests with no
-  reference item is rerun at the route's maximum budget with no early stop;
-  the sample is EM(early answer, full answer).
-
-Canary and shadow runs of a route together spend at most ``eval_share`` of
-the route's live tokens (generated tokens, both sides; checked before each
-run, so the spend overshoots by at most one run), are skipped while ``eval_max_in_flight`` live
-requests run, and carry vLLM's ``priority`` when ``eval_priority`` is set.
-
-Only samples taken at the controller's own settings are fed to it: a request
-that overrides the policy, its parameters or the budget is scored for the
-window and the counts but does not move the budget.
-
-Every state change is saved to the store with the sample that caused it, in
-one transaction, so a restart resumes where the route was. When replicas share
-a Redis store (``fleet``), samples go to the route's shared log instead, and
-whichever replica holds the route's lease steps its controller
-(gateway/control/fleet.py).
+EM samples come in through ``observe`` (from gateway/evaluation/sampler.py);
+each state change is saved with its sample, and the route's budget and EM
+are published as metrics. With replicas on a shared Redis (``fleet``, see
+gateway/control/fleet.py) samples go to the route's shared log instead, and
+the route's leader steps the controller. docs/controller.md tells the story.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import random
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -55,26 +30,17 @@ from gateway.control.controller import (
 )
 from gateway.control.shared import Shared, Versioned, unavailable_if_shared
 from gateway.control.store import SampleRecord, Store
-from gateway.engine.client import EngineClient
-from gateway.errors import GatewayError, InvalidRequest, NotFound
+from gateway.errors import InvalidRequest, NotFound
 from gateway.evaluation import (
-    ReferenceItem,
+    ReferenceIssue,
     ReferenceSet,
     ReferenceSetError,
-    exact_match,
-    get_extractor,
-    get_normalizer,
     load_reference_file,
     parse_reference_lines,
 )
-from gateway.evaluation.matching import ReferenceIndex, item_key, request_key, steering_override
+from gateway.evaluation.matching import ReferenceIndex
 from gateway.metrics import Metrics
-from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import ConfigError, RouteConfig, RoutesConfig, Settings
-from gateway.stopping.session import Generation
-from gateway.stopping.spec import RequestContext
-
-log = logging.getLogger("stopgate.control")
 
 # Sources of EM samples.
 GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
@@ -82,10 +48,6 @@ GOLD, CANARY, SHADOW = "gold", "canary", "shadow"
 DELETED = ""
 # An operator's change: (state, config) -> (state, config).
 Change = Callable[[ControllerState, ControllerConfig], tuple[ControllerState, ControllerConfig]]
-# At shutdown, evaluation runs in flight get this long to finish (and hand in their samples) before they are cancelled.
-DRAIN_S = 5.0
-# Stop reasons that mean the request did not run its reasoning to the end.
-NOT_EARLY = frozenset({"finished"})
 
 
 @dataclass
@@ -148,8 +110,6 @@ def route_references(route: RouteConfig, stored: list[tuple[str, str]]) -> Refer
 
 def check_route(route: RouteConfig, ref_set: ReferenceSet) -> ReferenceSet:
     """A set for ``route`` holds only items of that route: anything else is a mistake in the upload."""
-    from gateway.evaluation import ReferenceIssue
-
     wrong = [
         ReferenceIssue(number, "route", f"item {item.id!r} belongs to route {item.route!r}, not {route.name!r}")
         for number, item in enumerate(ref_set, start=1)
@@ -161,23 +121,13 @@ def check_route(route: RouteConfig, ref_set: ReferenceSet) -> ReferenceSet:
 
 
 class ControlPlane:
-    def __init__(
-        self,
-        settings: Settings,
-        routes: RoutesConfig,
-        store: Store,
-        metrics: Metrics,
-        *,
-        in_flight: Callable[[], int],
-        seed: int | None = None,
-    ) -> None:
+    """Every route's ``RouteControl``: samples in, budgets out; the admin API's operations."""
+
+    def __init__(self, settings: Settings, routes: RoutesConfig, store: Store, metrics: Metrics) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
-        self.in_flight = in_flight
-        self.rng = random.Random(seed)
         self.routes: dict[str, RouteControl] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
         # Set when replicas share a Redis store: samples then go to the shared log, and the route's
         # leader (whichever replica holds its lease) steps the controller.
         self.fleet: Shared | None = None
@@ -199,47 +149,10 @@ class ControlPlane:
         rc = self.routes[route_name]
         rc.references = route_references(rc.route, stored)
 
-    # -- the request path -------------------------------------------------
+    # -- the request path and the sampler ------------------------------------
 
     def controlled(self, route: RouteConfig) -> Controlled | None:
         return self.routes[route.name].controlled()
-
-    def match(self, route: RouteConfig, request: CompletionRequest | ChatCompletionRequest) -> ReferenceItem | None:
-        """The reference item a live request replays, if any.
-
-        An explicit ``reference_id`` must name an item whose prompt is the request's own: an unknown id and
-        one that names another prompt get the same 400, so the answer says nothing about which ids exist.
-        """
-        refs = self.routes[route.name].references
-        explicit = request.reference
-        key = request_key(request) if explicit is not None or len(refs) else None
-        if explicit is not None:
-            item = refs.by_id(explicit)
-            if item is None or key is None or item_key(item) != key:
-                raise InvalidRequest(
-                    f"reference_id {explicit!r} does not name a reference item of route '{route.name}' whose "
-                    "prompt is this request's.",
-                    param="reference_id",
-                )
-            return item
-        return refs.by_key(key) if key is not None else None
-
-    def finished(self, gen: Generation, item: ReferenceItem | None, text: str, upstream: EngineClient) -> None:
-        """A live request has ended well: count its tokens, score it, maybe start a shadow rerun."""
-        rc = self.routes[gen.ctx.route.name]
-        self.count_live(rc.route.name, gen.accounting.net)
-        # Only a request at the route's own settings speaks for them (issue 14: no steering by proxy).
-        at_controlled = (
-            gen.ctx.controlled is not None and steering_override(gen.ctx.request, rc.route.default_max_tokens) is None
-        )
-        if item is not None:
-            correct = self._score(rc.route, text, item.answers)
-            self.observe(rc, GOLD, correct, gen, at_controlled, tokens=0, reference_id=item.id)
-            return
-        early = gen.accounting.stop_reason is not None and gen.accounting.stop_reason not in NOT_EARLY
-        share = rc.route.evaluation.shadow_share
-        if early and share > 0 and self.rng.random() < share and self._may_evaluate(rc, SHADOW):
-            self._spawn(self._shadow(rc, gen, text, at_controlled, upstream))
 
     def count_live(self, route: str, tokens: int) -> None:
         """Live generated tokens fund evaluation work (``eval_share``)."""
@@ -249,172 +162,43 @@ class ControlPlane:
             self.fleet.add_tokens(route, "live", tokens)
         self._publish_share(rc)
 
-    def observe(
-        self,
-        rc: RouteControl,
-        source: str,
-        correct: bool,
-        gen: Generation,
-        at_controlled: bool,
-        *,
-        tokens: int,
-        reference_id: str | None = None,
-    ) -> None:
-        """Fold one EM sample in: counters always; the controller only for samples at its settings."""
+    def count_eval(self, route: str, source: str, tokens: int) -> None:
+        """Tokens spent on evaluation runs (``canary``, ``shadow``), counted against ``eval_share``."""
+        rc = self.routes[route]
+        rc.eval_tokens[source] += tokens
+        if self.fleet is not None:
+            self.fleet.add_tokens(route, source, tokens)
+        self.metrics.tokens.labels(route, source).inc(tokens)
+        self._publish_share(rc)
+
+    def leads(self, route: str) -> bool:
+        """Whether this replica schedules the route's canaries: on its own store always, in a fleet
+        only while it holds the route's lease."""
+        return self.fleet is None or self.fleet.leads(route)
+
+    def observe(self, sample: SampleRecord, *, at_controlled: bool) -> None:
+        """Fold one EM sample in: counters always; the controller only for samples at its settings
+        (``at_controlled``: the request ran at the controller's budget and strictness, unsteered)."""
+        rc = self.routes[sample.route]
         route = rc.route.name
-        rc.counts[source] += 1
-        self.metrics.em_samples.labels(route, source, "correct" if correct else "incorrect").inc()
-        controlled = gen.ctx.controlled
-        budget = gen.spec.budget
-        level = controlled.level if controlled is not None else 0
-        record = SampleRecord(route, source, budget, level, correct, tokens, time.time(), reference_id)
+        rc.counts[sample.source] += 1
+        self.metrics.em_samples.labels(route, sample.source, "correct" if sample.correct else "incorrect").inc()
         if self.fleet is not None:  # the route's leader steps the controller, in log order
-            self.fleet.submit(record, at_controlled and rc.config is not None)
+            self.fleet.submit(sample, at_controlled and rc.config is not None)
             return
         if rc.config is None or rc.state is None or not at_controlled:
-            self.store.save(route, state_to_dict(rc.state) if rc.state is not None else {}, record)
+            self.store.save(route, state_to_dict(rc.state) if rc.state is not None else {}, sample)
             return
         before = rc.state
-        rc.state = step(before, Sample(correct, budget, level, source), rc.config)
-        self.store.save(route, state_to_dict(rc.state), record)
+        rc.state = step(before, Sample(sample.correct, sample.budget, sample.level, sample.source), rc.config)
+        self.store.save(route, state_to_dict(rc.state), sample)
         if (rc.state.budget, rc.state.level) != (before.budget, before.level):
             looser = (rc.state.budget, rc.state.level) > (before.budget, before.level)
             self.metrics.adjustments.labels(route, "up" if looser else "down").inc()
         self._publish(rc)
 
-    # -- evaluation work ----------------------------------------------------
-
-    def _may_evaluate(self, rc: RouteControl, source: str) -> bool:
-        if self.in_flight() >= self.settings.eval_max_in_flight:
-            self.metrics.eval_skipped.labels(rc.route.name, source, "busy").inc()
-            return False
-        if sum(rc.eval_tokens.values()) >= self.settings.eval_share * rc.live_tokens:
-            self.metrics.eval_skipped.labels(rc.route.name, source, "share").inc()
-            return False
-        return True
-
-    def _spend(self, rc: RouteControl, source: str, tokens: int) -> None:
-        rc.eval_tokens[source] += tokens
-        if self.fleet is not None:
-            self.fleet.add_tokens(rc.route.name, source, tokens)
-        self.metrics.tokens.labels(rc.route.name, source).inc(tokens)
-        self._publish_share(rc)
-
-    def _eval_request(
-        self, request: CompletionRequest | ChatCompletionRequest, **stopgate: Any
-    ) -> CompletionRequest | ChatCompletionRequest:
-        extra: dict[str, Any] = {"stream": False}
-        if self.settings.eval_priority is not None:
-            extra["priority"] = self.settings.eval_priority
-        fields = {**request.model_dump(exclude_unset=True, exclude={"stopgate", "reference_id"}), **extra}
-        if stopgate:
-            fields["stopgate"] = stopgate
-        return type(request).model_validate(fields)
-
-    async def _run(self, upstream: EngineClient, ctx: RequestContext) -> tuple[Generation, str]:
-        gen = Generation(upstream, ctx, vllm=self.settings.upstream_is_vllm)
-        pieces: list[str] = []
-        async for chunk in gen.chunks():
-            pieces.append(choice_text(chunk))
-        return gen, "".join(pieces)
-
-    async def _shadow(
-        self, rc: RouteControl, live: Generation, text: str, at_controlled: bool, upstream: EngineClient
-    ) -> None:
-        """Rerun an early-stopped live request at the maximum budget; the sample is EM(early, full)."""
-        route = rc.route
-        request = self._eval_request(live.ctx.request, policy="none", budget=route.max_budget)
-        ctx = RequestContext(live.ctx.endpoint, request, route, f"{live.ctx.request_id}-shadow")
-        full, full_text = await self._run(upstream, ctx)
-        self._spend(rc, SHADOW, full.accounting.net)
-        # Each rerun stands for 1/shadow_share early stops like it (a Horvitz-Thompson estimate; runs
-        # skipped for load or share make it an underestimate).
-        saved = full.accounting.net - live.accounting.net
-        if saved > 0:
-            self.metrics.tokens_saved.labels(route.name).inc(saved / route.evaluation.shadow_share)
-        reference = self._answer(route, full_text)
-        if reference is None:
-            return  # the full run gave no answer either: nothing to compare against
-        correct = self._score(route, text, (reference,))
-        self.observe(rc, SHADOW, correct, live, at_controlled, tokens=full.accounting.net)
-
-    async def canary_once(self, route_name: str, upstream: EngineClient) -> bool:
-        """Replay one random reference item at the route's settings; False if skipped."""
-        rc = self.routes[route_name]
-        if self.fleet is not None and not self.fleet.leads(route_name):
-            return False  # the route's leader schedules the fleet's canaries
-        items = rc.references.items()
-        if not items or not self._may_evaluate(rc, CANARY):
-            return False
-        item = self.rng.choice(items)
-        request = canary_request(rc.route, item)
-        request = self._eval_request(request)
-        endpoint: Endpoint = "completions" if isinstance(request, CompletionRequest) else "chat"
-        ctx = RequestContext(endpoint, request, rc.route, f"canary-{item.id}-{self.rng.getrandbits(32):08x}")
-        ctx = replace(ctx, controlled=rc.controlled())
-        gen, text = await self._run(upstream, ctx)
-        self._spend(rc, CANARY, gen.accounting.net)
-        self.observe(rc, CANARY, self._score(rc.route, text, item.answers), gen, True, tokens=gen.accounting.net)
-        return True
-
-    async def run_canaries(
-        self, upstream: EngineClient, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    ) -> None:
-        """The background loop: each route replays ``canary_per_minute`` items (Poisson arrivals)."""
-        rates = {name: rc.route.evaluation.canary_per_minute for name, rc in self.routes.items()}
-        rates = {name: rate for name, rate in rates.items() if rate > 0}
-        if not rates:
-            return
-        total = sum(rates.values())
-        names, weights = list(rates), list(rates.values())
-        while True:
-            await sleep(self.rng.expovariate(total / 60.0))
-            name = self.rng.choices(names, weights)[0]
-            try:
-                await self.canary_once(name, upstream)
-            except GatewayError as exc:
-                log.warning("canary on route %s failed: %s", name, exc.message)
-            except Exception:  # a bug or bad data must not end the loop for good (issue 14)
-                self.metrics.background_errors.labels("canary").inc()
-                log.exception("canary on route %s failed", name)
-
-    def _spawn(self, work: Awaitable[None]) -> None:
-        async def guarded() -> None:
-            try:
-                await work
-            except GatewayError as exc:
-                log.warning("evaluation run failed: %s", exc.message)
-            except Exception:
-                self.metrics.background_errors.labels("evaluation").inc()
-                log.exception("evaluation run failed")
-
-        task = asyncio.ensure_future(guarded())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def drain(self, timeout_s: float = DRAIN_S) -> None:
-        """Let the evaluation runs in flight finish, for up to ``timeout_s``; cancel the rest. Call it
-        before the fleet's last flush, so the samples they hand in are appended, not lost."""
-        tasks = list(self._tasks)
-        if tasks and timeout_s > 0:
-            await asyncio.wait(tasks, timeout=timeout_s)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
     async def aclose(self) -> None:
-        await self.drain(0)
         self.store.close()
-
-    # -- scoring ----------------------------------------------------------
-
-    def _score(self, route: RouteConfig, text: str, golds: tuple[str, ...]) -> bool:
-        extractor = get_extractor(route.extractor, route.extractor_pattern)
-        return bool(exact_match(text, golds, extractor=extractor, normalizer=get_normalizer(route.normalizer)))
-
-    def _answer(self, route: RouteConfig, text: str) -> str | None:
-        raw = get_extractor(route.extractor, route.extractor_pattern)(text)
-        return raw if raw else None
 
     # -- the admin side ---------------------------------------------------
 
@@ -572,22 +356,3 @@ class ControlPlane:
     def _publish_share(self, rc: RouteControl) -> None:
         spent = sum(rc.eval_tokens.values())
         self.metrics.eval_share.labels(rc.route.name).set(spent / rc.live_tokens if rc.live_tokens else 0.0)
-
-
-def canary_request(route: RouteConfig, item: ReferenceItem) -> CompletionRequest | ChatCompletionRequest:
-    common: dict[str, Any] = {"model": route.name, "temperature": 0.0}
-    if item.prompt is not None:
-        return CompletionRequest.model_validate({**common, "prompt": item.prompt})
-    assert item.messages is not None
-    return ChatCompletionRequest.model_validate({**common, "messages": [m.model_dump() for m in item.messages]})
-
-
-def choice_text(chunk: dict[str, Any]) -> str:
-    """The text of choice 0 in a completion or chat chunk."""
-    for choice in chunk.get("choices") or []:
-        if choice.get("index", 0) == 0:
-            if "text" in choice:
-                return str(choice.get("text") or "")
-            delta = choice.get("delta") or choice.get("message") or {}
-            return str(delta.get("content") or "")
-    return ""

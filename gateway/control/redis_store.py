@@ -33,12 +33,10 @@ write (newer revision) both make it fail without writing.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
@@ -47,7 +45,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from gateway.control.store import DEFAULT_MAX_SAMPLES_PER_ROUTE, SOURCES, SampleRecord, StoreError, _encode
+from gateway.control.store import (
+    DEFAULT_MAX_SAMPLES_PER_ROUTE,
+    SOURCES,
+    SampleRecord,
+    StoreBase,
+    StoreError,
+    encode_state,
+)
 
 PREFIX = "stopgate"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -182,7 +187,7 @@ class StateRecord:
         )
 
 
-class RedisStore:
+class RedisStore(StoreBase):
     """A ``Store`` in Redis, shared by every replica (synchronous; start-up and admin writes).
 
     ``save`` without a sample is an operator's write: it bumps the revision, so
@@ -195,8 +200,8 @@ class RedisStore:
     ) -> None:
         if max_samples_per_route < 1:
             raise ValueError(f"max_samples_per_route: must be >= 1, got {max_samples_per_route}")
+        super().__init__()
         self.url, self.prefix, self._max = url, prefix, max_samples_per_route
-        self._lock = threading.Lock()
         try:
             client = redis.Redis.from_url(
                 url,
@@ -246,7 +251,7 @@ class RedisStore:
         for _ in range(CAS_ATTEMPTS):
             current = StateRecord.from_hash(self._call(f"load route {route!r}", self._redis().hgetall, k.state))
             state = change(current.state)
-            text = _encode(route, state, None)
+            text = encode_state(route, state, None)
             args = ["", current.revision, text, "", 0, 0, 0, str(time.time()), f"{self.prefix}:published", route]
             written = int(self._call(f"save route {route!r}", self._save_state, [k.state, k.fence, k.log], args))
             if written >= 0:
@@ -255,7 +260,7 @@ class RedisStore:
         raise StoreError(f"route {route!r}: the state changed under each of {CAS_ATTEMPTS} attempts to write it")
 
     def save(self, route: str, state: dict[str, Any], sample: SampleRecord | None = None) -> None:
-        text = _encode(route, state, sample)
+        text = encode_state(route, state, sample)
         k = self.keys(route)
         now = str(time.time())
         if sample is None:
@@ -288,19 +293,10 @@ class RedisStore:
         bodies = self._call("read reference sets", self._redis().hmget, k.refs, names) if names else []
         return [(n, b) for n, b in zip(names, bodies, strict=True) if b is not None]
 
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    def _release(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -16,13 +15,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.control.fleet import Fleet, join_fleet
 from gateway.control.plane import ControlPlane
-from gateway.control.store import Store, open_store
+from gateway.control.store import Store
+from gateway.control.stores import open_store
 from gateway.engine.client import Upstream
 from gateway.engine.pool import UpstreamPool
 from gateway.errors import GatewayError, InvalidRequest, internal_error
+from gateway.evaluation.sampler import Sampler
 from gateway.http import openapi
 from gateway.http.admin import has_admin_key
 from gateway.http.admin import router as admin_router
+from gateway.http.admission import Admission
 from gateway.http.api import router
 from gateway.http.auth import build_authenticator
 from gateway.http.guard import rate_limited_exception_handler
@@ -32,28 +34,22 @@ from gateway.http.services import Services
 from gateway.metrics import Metrics
 from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest
 from gateway.settings import ConfigError, Settings
+from gateway.stopping.runner import runner
 
 log = logging.getLogger("stopgate")
 
 
-def create_app(
-    settings: Settings,
-    *,
-    registry: CollectorRegistry | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> FastAPI:
-    """Build the gateway. ``transport`` is the seam tests plug a fake engine into."""
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> FastAPI:
+    """Build the gateway; ``registry`` takes its metrics (a fresh one per test)."""
     if settings.upstream_url is None:
         raise ConfigError("upstream_url: create_app needs an upstream; `stopgate serve` starts the embedded engine")
     routes = settings.load_routes()
     metrics = Metrics(registry)
     auth = build_authenticator(settings, {route.name for route in routes.routes})
+    admission = Admission(settings.max_in_flight, metrics, key_share=settings.key_share, shared=auth.keys > 1)
     store = _open_store(settings)
-    holder: dict[str, Services] = {}
     try:
-        control = ControlPlane(
-            settings, routes, store, metrics, in_flight=lambda: holder["services"].in_flight if holder else 0
-        )
+        control = ControlPlane(settings, routes, store, metrics)
     except BaseException:
         store.close()
         raise
@@ -67,7 +63,6 @@ def create_app(
                 connect_timeout_s=settings.connect_timeout_s,
                 read_timeout_s=settings.read_timeout_s,
                 max_connections=settings.max_upstream_connections,
-                transport=transport,
             )
             for url in settings.upstream_urls
         ]
@@ -78,11 +73,12 @@ def create_app(
             retries=settings.upstream_retries,
             total_timeout_s=settings.total_timeout_s,
         )
-        services = Services(settings, routes, upstream, metrics, control, auth)
-        app.state.services = holder["services"] = services
+        run = runner(upstream, vllm=settings.upstream_is_vllm)
+        sampler = Sampler(settings, control, metrics, run=run, in_flight=lambda: admission.total)
+        app.state.services = Services(settings, routes, upstream, metrics, control, sampler, auth, admission)
         # The loop's own errors (e.g. accept() out of descriptors) are logged once per interval, not per try.
         asyncio.get_running_loop().set_exception_handler(rate_limited_exception_handler())
-        canaries = asyncio.ensure_future(control.run_canaries(upstream))
+        canaries = asyncio.ensure_future(sampler.run_canaries())
         if fleet is not None:
             fleet.start()
         try:
@@ -90,7 +86,7 @@ def create_app(
         finally:
             canaries.cancel()
             await asyncio.gather(canaries, return_exceptions=True)
-            await close_control(control, fleet)
+            await close_control(sampler, control, fleet)
             await upstream.aclose()
 
     app = FastAPI(title="stopgate", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
@@ -116,10 +112,10 @@ def _open_store(settings: Settings) -> Store:
     return RedisStore(settings.state_url)
 
 
-async def close_control(control: ControlPlane, fleet: Fleet | None) -> None:
+async def close_control(sampler: Sampler, control: ControlPlane, fleet: Fleet | None) -> None:
     """Shut the control plane down: evaluation runs first (their samples go to the fleet's buffer),
     then the fleet's last flush and lease hand-over, then the store."""
-    await control.drain()
+    await sampler.drain()
     if fleet is not None:
         await fleet.aclose()
     await control.aclose()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gateway.control.plane import ControlPlane
 from gateway.engine.client import EngineClient
 from gateway.errors import UnknownModel
+from gateway.evaluation.sampler import Sampler
 from gateway.http.admission import Admission
 from gateway.http.auth import Authenticator
 from gateway.metrics import Metrics
@@ -22,18 +23,16 @@ class Services:
     upstream: EngineClient
     metrics: Metrics
     control: ControlPlane
+    sampler: Sampler
     auth: Authenticator
-    admission: Admission = field(init=False)
+    admission: Admission
 
     def __post_init__(self) -> None:
         self._by_model = self.routes.by_model()
-        self.admission = Admission(
-            self.settings.max_in_flight, self.metrics, key_share=self.settings.key_share, shared=self.auth.keys > 1
-        )
 
     @property
     def in_flight(self) -> int:
-        """Live requests being served (the control plane skips evaluation when busy)."""
+        """Live requests being served (the sampler skips evaluation when busy)."""
         return self.admission.total
 
     def route_for(self, model: str) -> RouteConfig:
