@@ -32,13 +32,14 @@ write (newer revision) both make it fail without writing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import redis
 import redis.asyncio as aioredis
@@ -48,6 +49,9 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from gateway.control.store import DEFAULT_MAX_SAMPLES_PER_ROUTE, SOURCES, SampleRecord, StoreError, _encode
+
+if TYPE_CHECKING:
+    from gateway.control.lease import Lease
 
 PREFIX = "stopgate"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -360,6 +364,25 @@ class RedisLog:
 
     def keys(self, route: str) -> Keys:
         return Keys(self.prefix, route)
+
+    def lease(self, route: str, owner: str, ttl_ms: int) -> Lease:
+        """The route's lease for ``owner`` (gateway/control/lease.py)."""
+        from gateway.control.lease import Lease  # lease.py imports this module's Keys
+
+        return Lease(self.client, self.keys(route), owner, ttl_ms)
+
+    async def listen(self, wake: asyncio.Event) -> None:
+        """Set ``wake`` whenever a leader publishes a route's state; reconnects after Redis comes back."""
+        while True:
+            try:
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None:
+                            wake.set()
+            except (RedisError, OSError):
+                await asyncio.sleep(1.0)
 
     async def append(self, route: str, replica: str, batch: Sequence[tuple[int, SampleRecord, bool]]) -> int:
         """Append ``(seq, record, controlled)`` in order; entries this replica appended before are skipped."""

@@ -57,7 +57,8 @@ def create_app(
     except BaseException:
         store.close()
         raise
-    fleet = join_fleet(control, settings, metrics) if settings.state_url else None
+    # Replicas share Redis; the workers of one `serve --workers N` share the state file (or that Redis).
+    fleet = join_fleet(control, settings, metrics) if settings.state_url or settings.workers > 1 else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,6 +110,10 @@ def create_app(
 
 
 def _open_store(settings: Settings) -> Store:
+    if settings.state_url is None and settings.workers > 1:
+        from gateway.control.sqlite_log import SQLiteShared  # the workers' shared state file
+
+        return SQLiteShared(settings.state_path)
     if settings.state_url is None:
         return open_store(settings.state_path)
     from gateway.control.redis_store import RedisStore  # redis is imported only when used
