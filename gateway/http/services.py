@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from gateway.control.plane import ControlPlane
 from gateway.engine.client import EngineClient
 from gateway.errors import UnknownModel
-from gateway.http.admission import Admission
+from gateway.http.admission import Admission, per_worker
 from gateway.http.auth import Authenticator
 from gateway.metrics import Metrics
 from gateway.settings import RouteConfig, RoutesConfig, Settings
@@ -27,8 +27,13 @@ class Services:
 
     def __post_init__(self) -> None:
         self._by_model = self.routes.by_model()
+        workers = self.settings.workers  # each worker admits its share of the gateway's limits
         self.admission = Admission(
-            self.settings.max_in_flight, self.metrics, key_share=self.settings.key_share, shared=self.auth.keys > 1
+            per_worker(self.settings.max_in_flight, workers),
+            self.metrics,
+            key_share=self.settings.key_share,
+            shared=self.auth.keys > 1,
+            workers=workers,
         )
 
     @property
