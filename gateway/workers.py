@@ -51,6 +51,10 @@ from gateway.settings import Settings
 log = logging.getLogger("stopgate")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How long the supervisor waits for a worker to answer its health ping before it kills and replaces it.
+# A new worker answers only once its imports are done: uvicorn's 5 s replaced workers over and over on a
+# loaded two-core machine (load 16), never letting one start.
+WORKER_HEALTHCHECK_S = 30
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
@@ -165,6 +169,7 @@ def run_workers(settings: Settings) -> int:
             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
             loop="asyncio",  # as the single process (gateway/cli.py says why)
             server_header=False,
+            timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         )
         sock = config.bind_socket()
         print(
