@@ -240,6 +240,13 @@ def test_a_worker_killed_with_sigkill_loses_at_most_its_requests_in_flight(gatew
     near_kill = sum(1 for _, answered, good in results if good and killed_at - 1.0 <= answered <= killed_at + 0.2)
     assert 0 <= lost <= near_kill, (ok, lost, near_kill)
     assert ok > 50  # the load went on through the kill
+    # The supervisor marked the dead worker's live gauges dead: the requests it held count no more.
+    a_worker = min(worker_pids(parent))  # a worker's environment, as the parent gave it when spawning it
+    environ = dict(e.split(b"=", 1) for e in Path(f"/proc/{a_worker}/environ").read_bytes().split(b"\0") if e)
+    metrics_dir = Path(environ[b"PROMETHEUS_MULTIPROC_DIR"].decode())
+    assert metrics_dir.is_dir()
+    assert not list(metrics_dir.glob(f"gauge_live*_{leader}.db"))
+    assert scrape(url)["stopgate_in_flight_requests"] == 0
 
 
 def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
