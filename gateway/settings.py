@@ -314,8 +314,8 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     # Gateway processes on one port (`stopgate serve --workers N`; "auto": one per core). With N > 1 the
     # workers share one controller per route through state_path (or state_url), and every in-flight limit
-    # (max_in_flight, a route's and a key's max_in_flight) holds per worker as ceil(limit / N), so the
-    # gateway as a whole admits about the limit (gateway/workers.py).
+    # (max_in_flight, a route's and a key's max_in_flight, eval_max_in_flight) holds per worker as
+    # ceil(limit / N), so the gateway as a whole admits about the limit (gateway/workers.py).
     workers: int = Field(default=1, ge=1, le=256)
     # Backpressure: past this many live requests in flight the gateway answers 429 with Retry-After
     # (with several workers, each admits ceil(max_in_flight / workers)).

@@ -16,7 +16,8 @@ holds across the workers as follows:
   the leader runs canaries, so both are global;
 * **backpressure**: every in-flight limit holds per worker as ``ceil(limit / N)``
   (gateway/http/admission.py's ``per_worker``), so the gateway admits about the
-  limit in all (the kernel spreads connections over the workers);
+  limit in all (the kernel spreads connections over the workers); so does
+  ``eval_max_in_flight``, past which a worker sheds evaluation work;
 * **metrics**: the parent points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh
   directory before it spawns the workers and removes it at exit; each worker's
   ``/metrics`` merges every worker's files (gateway/metrics.py), and the files of
@@ -45,6 +46,7 @@ from fastapi import FastAPI
 from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
+from gateway.http.admission import per_worker
 from gateway.http.guard import ConnectionLimits, effective_max_connections, guarded_protocol
 from gateway.settings import Settings
 
@@ -86,7 +88,11 @@ class WorkerApp:
     def __call__(self) -> FastAPI:
         from gateway.http.app import create_app
 
-        s = self.settings
+        # Evaluation is shed while this worker has its share of eval_max_in_flight live requests (the
+        # admission limits divide themselves: gateway/http/admission.py).
+        s = self.settings.model_copy(
+            update={"eval_max_in_flight": per_worker(self.settings.eval_max_in_flight, self.settings.workers)}
+        )
         logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)
         logging.getLogger("asyncio").setLevel(logging.ERROR)

@@ -27,6 +27,11 @@ import httpx
 import pytest
 
 from gateway.engine.embedded import free_port
+from gateway.errors import Overloaded
+from gateway.http.admission import Admission, per_worker
+from gateway.http.auth import Principal
+from gateway.metrics import Metrics
+from gateway.settings import RouteConfig
 from loadtest.replicas import Child, _spawn, fake_engine, wait_http
 from tests.test_fleet import ITEMS, write_routes
 
@@ -157,6 +162,28 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
         if gw is not None:
             gw.parent.stop()
         engine.stop()
+
+
+def test_each_worker_admits_its_share_of_every_in_flight_limit() -> None:
+    """With 3 workers, limits of 10 (gateway), 5 (route) and 5 (key) admit 4, 2 and 2 in each worker."""
+    metrics = Metrics()
+
+    def fill(admit: Callable[[], object]) -> int:
+        n = 0
+        with pytest.raises(Overloaded):
+            while True:
+                admit()
+                n += 1
+        return n
+
+    admission = Admission(per_worker(10, 3), metrics, workers=3)
+    assert fill(admission.admit) == 4
+    admission = Admission(per_worker(10, 3), metrics, workers=3)
+    route = RouteConfig(name="arith", upstream_model="tinyreason", max_in_flight=5)
+    assert fill(lambda: admission.admit().enter_route(route)) == 2
+    admission = Admission(per_worker(10, 3), metrics, workers=3)
+    key = Principal("k", frozenset({"arith"}), max_in_flight=5)
+    assert fill(lambda: admission.admit(key)) == 2
 
 
 def test_two_workers_answer_on_one_port(gateway: Gateway) -> None:
