@@ -266,7 +266,7 @@ def test_a_worker_killed_with_sigkill_loses_at_most_its_requests_in_flight(gatew
     lost = ok - (settled(gateway) - before)
     near_kill = sum(1 for _, answered, good in results if good and killed_at - 1.0 <= answered <= killed_at + 0.2)
     assert 0 <= lost <= near_kill, (ok, lost, near_kill)
-    assert ok > 50  # the load went on through the kill
+    assert sum(1 for sent, _, good in results if good and sent > killed_at) >= 8  # the load went on after it
     # The supervisor marked the dead worker's live gauges dead: the requests it held count no more.
     a_worker = min(worker_pids(parent))  # a worker's environment, as the parent gave it when spawning it
     environ = dict(e.split(b"=", 1) for e in Path(f"/proc/{a_worker}/environ").read_bytes().split(b"\0") if e)
