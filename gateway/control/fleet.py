@@ -1,5 +1,9 @@
 """Several gateway replicas, one controller per route: the fleet loop over the shared Redis store (issue 18).
 
+The same loop serves the workers of one ``stopgate serve --workers N`` (issue 17) over the SQLite state
+file instead of Redis (gateway/control/sqlite_log.py): the log and the lease are a ``SampleLog`` and its
+``RouteLease`` (gateway/control/shared.py), whichever store holds them.
+
 Each replica runs one ``Fleet`` task beside its request handlers. Nothing on
 the request path waits for Redis: a live request reads the budget cached in
 its replica, and hands its EM sample to an in-memory buffer. The loop, every
