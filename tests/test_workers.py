@@ -32,6 +32,7 @@ from gateway.http.admission import Admission, per_worker
 from gateway.http.auth import Principal
 from gateway.metrics import Metrics
 from gateway.settings import RouteConfig
+from loadtest.redis_server import RedisServer
 from loadtest.replicas import Child, _spawn, fake_engine, wait_http
 from tests.test_fleet import ITEMS, write_routes
 
@@ -302,3 +303,24 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         if gw is not None:
             gw.parent.stop()
         engine.stop()
+
+
+def test_with_a_state_url_the_workers_join_the_redis_fleet(tmp_path: Path) -> None:
+    """With STOPGATE_STATE_URL the workers are replicas of the Redis fleet; no state file is made."""
+    redis = RedisServer(tmp_path / "redis")
+    redis.start()
+    engine = gw = None
+    try:
+        engine = fake_engine(tmp_path, tokens=30)
+        gw = serve_workers(tmp_path, engine.url, STOPGATE_STATE_URL=redis.url)
+        with ThreadPoolExecutor(8) as pool:
+            codes = [r.status_code for r in pool.map(lambda n: gold(gw.parent.url, n), range(40))]
+        assert codes == [200] * 40
+        eventually(lambda: snapshot(gw.parent.url)["samples"]["gold"] == 40, "40 gold samples in the fleet")
+        assert not gw.db.exists()
+    finally:
+        if gw is not None:
+            gw.parent.stop()
+        if engine is not None:
+            engine.stop()
+        redis.stop()
