@@ -299,6 +299,10 @@ def test_sigterm_drains_every_worker(tmp_path: Path) -> None:
         assert gw.parent.proc.wait(timeout=30) == 0
         drained = [int(n) for n in re.findall(r"draining: (\d+) requests in flight", gw.parent.log.read_text())]
         assert len(drained) == 2 and sum(drained) == 8
+        # Every worker flushed its samples on the way out: folded, or in the log for the next leader to fold.
+        folded = db_rows(gw.db, "SELECT coalesce(sum(n), 0) FROM sample_counts WHERE source = 'gold'")[0][0]
+        waiting = db_rows(gw.db, 'SELECT count(*) FROM fleet_log WHERE record LIKE \'%"source":"gold"%\'')[0][0]
+        assert folded + waiting == 8
     finally:
         if gw is not None:
             gw.parent.stop()
