@@ -22,7 +22,9 @@ serialises the workers: an append is all or nothing and skips the sequence
 numbers it has seen, and a commit checks the token and the revision it read,
 writes the state, ``last_id``, the samples and their counts, or nothing. A
 worker killed with SIGKILL loses its buffered samples and its requests in
-flight; its lease runs out after the TTL and another worker takes it.
+flight; its lease runs out after the TTL and another worker takes it. Lease
+expiry is wall-clock time, which the processes of one host share; should the
+clock step, the fencing token still refuses a stale leader's commit.
 
 ``SQLiteLog`` is the asynchronous side (it runs each call in a worker thread,
 so a busy wait on the write lock never blocks the event loop); ``SQLiteShared``
