@@ -46,6 +46,11 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--auth", choices=["keys", "off"], help="client authentication (default keys; off only for local demos)"
     )
     p.add_argument("--api-keys", type=Path, help="client API keys file (env STOPGATE_API_KEYS_FILE)")
+    p.add_argument(
+        "--workers",
+        metavar="N",
+        help="gateway processes on the port, or 'auto' (one per core); default 1 (env STOPGATE_WORKERS)",
+    )
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -57,6 +62,7 @@ def serve(args: argparse.Namespace) -> int:
             routes_file=args.routes,
             auth=args.auth,
             api_keys_file=args.api_keys,
+            workers=args.workers,
         )
         engine_overrides = {}
         if args.model_path is not None:
@@ -120,6 +126,10 @@ def _run_uvicorn(settings: Settings) -> int:
 
     from gateway.http.app import create_app
 
+    if settings.workers > 1:
+        from gateway.workers import run_workers
+
+        return run_workers(settings)
     app = create_app(settings)
     limits = ConnectionLimits(
         max_header_bytes=settings.max_header_bytes,

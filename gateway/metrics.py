@@ -3,11 +3,24 @@
 Label values are bounded: route names come from the routes file (requests
 for unknown models are counted under ``route="unknown"``), codes are HTTP
 statuses, error kinds come from the exception tree. Never user input.
+
+Several workers (``stopgate serve --workers N``, gateway/workers.py): with
+``PROMETHEUS_MULTIPROC_DIR`` set when the process starts, every metric is
+written to files in that directory and ``exposition`` merges all workers'
+files, so one scrape of any worker shows the gateway. Counters and histograms
+add up; each gauge says how workers combine (``multiprocess_mode``): requests
+in flight and buffered samples add up over live workers, ``leader`` is the
+largest (1 while some worker leads), ``redis_up`` the smallest, and the
+controller's gauges (the same published state in every worker) the most
+recent value.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+from typing import Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 # LLM requests take from tens of milliseconds (a tiny model, one token) to
 # minutes (long reasoning on a busy GPU).
@@ -31,6 +44,8 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # Read once: prometheus_client decides at import whether values go to files.
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         r = self.registry
         # -- requests -------------------------------------------------------
         self.requests = Counter(
@@ -42,7 +57,9 @@ class Metrics:
         self.upstream_errors = Counter(
             "stopgate_upstream_errors", "Failed upstream calls, by kind.", ["kind"], registry=r
         )
-        self.in_flight = Gauge("stopgate_in_flight_requests", "Live requests being served now.", registry=r)
+        self.in_flight = Gauge(
+            "stopgate_in_flight_requests", "Live requests being served now.", registry=r, multiprocess_mode="livesum"
+        )
         self.request_duration = Histogram(
             "stopgate_request_duration_seconds",
             "Time from request to last byte, by route.",
@@ -84,12 +101,27 @@ class Metrics:
             ["route", "source", "outcome"],
             registry=r,
         )
-        self.em_ratio = Gauge("stopgate_em_ratio", "EM over the route's sliding window.", ["route"], registry=r)
-        self.em_lower_bound = Gauge(
-            "stopgate_em_lower_bound", "Wilson 95% lower bound of the window EM.", ["route"], registry=r
+        recent: Literal["livemostrecent"] = "livemostrecent"  # every worker publishes the same controller state
+        self.em_ratio = Gauge(
+            "stopgate_em_ratio", "EM over the route's sliding window.", ["route"], registry=r, multiprocess_mode=recent
         )
-        self.em_target = Gauge("stopgate_em_target", "The route's target EM.", ["route"], registry=r)
-        self.budget = Gauge("stopgate_budget_tokens", "The thinking budget in force, by route.", ["route"], registry=r)
+        self.em_lower_bound = Gauge(
+            "stopgate_em_lower_bound",
+            "Wilson 95% lower bound of the window EM.",
+            ["route"],
+            registry=r,
+            multiprocess_mode=recent,
+        )
+        self.em_target = Gauge(
+            "stopgate_em_target", "The route's target EM.", ["route"], registry=r, multiprocess_mode=recent
+        )
+        self.budget = Gauge(
+            "stopgate_budget_tokens",
+            "The thinking budget in force, by route.",
+            ["route"],
+            registry=r,
+            multiprocess_mode=recent,
+        )
         self.adjustments = Counter(
             "stopgate_controller_adjustments",
             "Budget or strictness changes by the controller, by route and direction (up: looser, down: tighter).",
@@ -101,15 +133,20 @@ class Metrics:
             "Evaluation tokens (canary, shadow) as a share of live generated tokens, by route.",
             ["route"],
             registry=r,
+            multiprocess_mode=recent,
         )
         # -- the fleet: replicas sharing one Redis store (gateway/control/fleet.py) ------------------
         self.fleet_redis_up = Gauge(
-            "stopgate_fleet_redis_up", "1 while this replica reaches the shared Redis store, else 0.", registry=r
+            "stopgate_fleet_redis_up",
+            "1 while this replica reaches the shared Redis store, else 0.",
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self.fleet_buffered = Gauge(
             "stopgate_fleet_buffered_samples",
             "EM samples held in this replica's memory until the shared log takes them.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.fleet_dropped = Counter(
             "stopgate_fleet_dropped_samples",
@@ -122,6 +159,7 @@ class Metrics:
             "1 while this replica holds the route's lease and steps its controller.",
             ["route"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.fleet_applied = Counter(
             "stopgate_fleet_applied_samples",
@@ -159,3 +197,11 @@ class Metrics:
             ["route", "source", "reason"],
             registry=r,
         )
+
+    def exposition(self) -> bytes:
+        """The text a scrape returns: this registry, or every worker's metrics when several share a directory."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

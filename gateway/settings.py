@@ -7,6 +7,7 @@ variables, then the defaults below. Routes come from a YAML file named by
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -311,7 +312,13 @@ class Settings(BaseSettings):
     # Client authentication: "keys" needs api_keys_file (gateway/http/auth.py); "off" only when set explicitly.
     auth: Literal["keys", "off"] = "keys"
     api_keys_file: Path | None = None
-    # Backpressure: past this many live requests in flight the gateway answers 429 with Retry-After.
+    # Gateway processes on one port (`stopgate serve --workers N`; "auto": one per core). With N > 1 the
+    # workers share one controller per route through state_path (or state_url), and every in-flight limit
+    # (max_in_flight, a route's and a key's max_in_flight, eval_max_in_flight) holds per worker as
+    # ceil(limit / N), so the gateway as a whole admits about the limit (gateway/workers.py).
+    workers: int = Field(default=1, ge=1, le=256)
+    # Backpressure: past this many live requests in flight the gateway answers 429 with Retry-After
+    # (with several workers, each admits ceil(max_in_flight / workers)).
     max_in_flight: int = Field(default=1024, ge=1)
     # With several client keys, one key's share of max_in_flight (a key's `max_in_flight` in the keys file wins).
     key_share: float = Field(default=0.5, gt=0.0, le=1.0)
@@ -386,6 +393,22 @@ class Settings(BaseSettings):
             raise ValueError(f"must be a redis://, rediss:// or unix:// URL; got {v.split('@')[-1]!r}")
         return v
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "auto":
+            return os.cpu_count() or 1
+        return v
+
+    @model_validator(mode="after")
+    def _shared_state(self) -> Settings:
+        if self.workers > 1 and self.state_url is None and self.state_path in ("none", ":memory:"):
+            raise ValueError(
+                f"workers: {self.workers} workers share one controller through the state file, but state_path is "
+                f"{self.state_path!r}; set STOPGATE_STATE_PATH to a file or STOPGATE_STATE_URL to a Redis"
+            )
+        return self
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, v: str) -> str:
@@ -404,4 +427,6 @@ def build_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
+        if not loc:  # a check across settings names them in its message
+            raise ConfigError(str(err["msg"]).removeprefix("Value error, ")) from exc
         raise ConfigError(f"setting {loc!r} (env STOPGATE_{loc.upper().replace('.', '__')}): {err['msg']}") from exc

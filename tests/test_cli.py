@@ -49,6 +49,17 @@ def test_bad_upstream_url_is_refused() -> None:
     assert_clean_failure(proc, "http://")
 
 
+def test_several_workers_without_a_shared_state_are_refused() -> None:
+    """Issue 17: workers share one controller through the state file; a state kept in memory cannot be shared."""
+    proc = run_cli("serve", "--upstream", "http://127.0.0.1:9", "--workers", "2", env={"STOPGATE_STATE_PATH": "none"})
+    assert_clean_failure(proc, "STOPGATE_STATE_PATH to a file or STOPGATE_STATE_URL")
+
+
+def test_a_bad_worker_count_names_the_variable() -> None:
+    proc = run_cli("serve", "--upstream", "http://127.0.0.1:9", "--workers", "many")
+    assert_clean_failure(proc, "STOPGATE_WORKERS")
+
+
 def _engine_failure_model(tmp_path: Path) -> Path:
     model = tmp_path / "broken"
     model.mkdir()

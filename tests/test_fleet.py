@@ -28,7 +28,8 @@ import pytest
 
 from gateway.control.controller import Sample, initial_state, state_to_dict, step
 from gateway.control.plane import controller_config
-from gateway.control.redis_store import Keys, RedisLog, StaleLease, decode_record
+from gateway.control.redis_keys import Keys
+from gateway.control.redis_store import RedisLog, StaleLease, decode_record
 from gateway.settings import load_routes
 from loadtest.redis_server import RedisServer
 from loadtest.replicas import Child, fake_engine, replica, wait_http

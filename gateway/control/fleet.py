@@ -1,5 +1,9 @@
 """Several gateway replicas, one controller per route: the fleet loop over the shared Redis store (issue 18).
 
+The same loop serves the workers of one ``stopgate serve --workers N`` (issue 17) over the SQLite state
+file instead of Redis (gateway/control/sqlite_log.py): the log and the lease are a ``SampleLog`` and its
+``RouteLease`` (gateway/control/shared.py), whichever store holds them.
+
 Each replica runs one ``Fleet`` task beside its request handlers. Nothing on
 the request path waits for Redis: a live request reads the budget cached in
 its replica, and hands its EM sample to an in-memory buffer. The loop, every
@@ -40,10 +44,10 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from gateway.control.controller import Sample, initial_state, state_from_dict, state_to_dict, step
-from gateway.control.lease import Lease
 from gateway.control.plane import ControlPlane, RouteControl, controller_config
 from gateway.control.redis_store import Conflict, LogEntry, RedisLog, RouteView, StaleLease, StateRecord
-from gateway.control.store import SampleRecord
+from gateway.control.shared import LeaseFactory, RouteLease, SampleLog
+from gateway.control.store import SampleRecord, StoreError
 from gateway.metrics import Metrics
 from gateway.settings import ConfigError, Settings
 
@@ -53,6 +57,8 @@ BATCH = 500  # log entries folded per commit
 MAX_BATCHES = 20  # per route per round, so one backlog does not starve the other routes
 TOKEN_KINDS = ("live", "canary", "shadow")
 ERROR_LOG_INTERVAL_S = 60.0  # an unexpected error that repeats every round is logged once a minute
+# The shared store cannot be reached (Redis) or used just now (the SQLite state file of several workers).
+UNREACHABLE = (RedisError, OSError, StoreError)
 
 
 def replica_id() -> str:
@@ -66,9 +72,10 @@ class Fleet:
     def __init__(
         self,
         plane: ControlPlane,
-        store: RedisLog,
+        store: SampleLog,
         metrics: Metrics,
         *,
+        lease: LeaseFactory | None = None,
         replica: str | None = None,
         lease_ms: int = 3000,
         buffer_max: int = 10_000,
@@ -77,7 +84,8 @@ class Fleet:
         self.plane, self.store, self.metrics = plane, store, metrics
         self.replica = replica or replica_id()
         self.buffer_max, self.refresh_s, self.lease_ms = buffer_max, refresh_s, lease_ms
-        self.leases = {r: Lease(store.client, store.keys(r), self.replica, lease_ms) for r in plane.routes}
+        lease = lease or store.lease  # a test may put another lease beside the log
+        self.leases: dict[str, RouteLease] = {r: lease(r, self.replica, lease_ms) for r in plane.routes}
         self.buffer: dict[str, deque[tuple[int, SampleRecord, bool]]] = {r: deque() for r in plane.routes}
         self.buffered = 0
         self.seq = 0
@@ -137,7 +145,7 @@ class Fleet:
                     async with asyncio.timeout(self.lease_ms / 1000):
                         await self.round()
                     self._set_up(True)
-                except (RedisError, OSError) as exc:  # TimeoutError is an OSError
+                except UNREACHABLE as exc:  # TimeoutError is an OSError
                     self._set_up(False, exc)
                 except Exception as exc:  # a bug or bad data must not end the loop while leads() says yes
                     await self._failed(exc)
@@ -163,7 +171,7 @@ class Fleet:
             try:  # hand the lease over, so a replica without this fault leads; it runs out anyway if this fails
                 async with asyncio.timeout(self.refresh_s):
                     await lease.release()
-            except (RedisError, OSError, TimeoutError):
+            except (*UNREACHABLE, TimeoutError):
                 lease.lost()
 
     async def round(self) -> None:
@@ -283,17 +291,8 @@ class Fleet:
             rc.config = controller_config(rc.route, target)
 
     async def _listen(self) -> None:
-        """Wake the loop when a leader publishes; reconnects after Redis comes back."""
-        while True:
-            try:
-                async with self.store.client.pubsub() as pubsub:
-                    await pubsub.subscribe(self.store.channel)
-                    while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if message is not None:
-                            self._wake.set()
-            except (RedisError, OSError):
-                await asyncio.sleep(1.0)
+        """Wake the loop when a leader publishes (Redis pub/sub; the SQLite log only polls)."""
+        await self.store.listen(self._wake)
 
     def _set_up(self, up: bool, exc: BaseException | None = None) -> None:
         if up != self.up:
@@ -317,17 +316,24 @@ class Fleet:
                 await self.flush()
                 for lease in self.leases.values():
                     await lease.release()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (*UNREACHABLE, TimeoutError) as exc:
             log.warning("shutdown: %d samples not appended, leases left to expire (%s)", self.buffered, exc)
         await self.store.aclose()
 
 
 def join_fleet(plane: ControlPlane, settings: Settings, metrics: Metrics) -> Fleet:
-    """The fleet loop for a plane whose store is the shared Redis at ``settings.state_url``."""
-    assert settings.state_url is not None
+    """The fleet loop for a plane whose store is shared: the Redis at ``settings.state_url``, or else the
+    state file that ``settings.workers`` processes share (gateway/control/sqlite_log.py)."""
+    store: SampleLog
+    if settings.state_url is not None:
+        store = RedisLog.from_url(settings.state_url)
+    else:
+        from gateway.control.sqlite_log import SQLiteLog
+
+        store = SQLiteLog(settings.state_path)
     fleet = Fleet(
         plane,
-        RedisLog.from_url(settings.state_url),
+        store,
         metrics,
         lease_ms=settings.state_lease_ms,
         buffer_max=settings.state_buffer_max,

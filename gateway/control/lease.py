@@ -18,7 +18,7 @@ import time
 
 import redis.asyncio as aioredis
 
-from gateway.control.redis_store import Keys
+from gateway.control.redis_keys import Keys
 
 # KEYS: lease, fence. ARGV: owner, ttl_ms, token this owner holds ('' if none).
 # Returns the token held after the call, or 0 when another owner holds the lease.

@@ -32,6 +32,7 @@ write (newer revision) both make it fail without writing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -45,6 +46,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from gateway.control.lease import Lease
+from gateway.control.redis_keys import Keys
 from gateway.control.store import (
     DEFAULT_MAX_SAMPLES_PER_ROUTE,
     SOURCES,
@@ -66,14 +69,6 @@ CAS_ATTEMPTS = 8
 
 def is_redis_url(url: str) -> bool:
     return url.startswith(REDIS_SCHEMES)
-
-
-class Keys:
-    def __init__(self, prefix: str, route: str) -> None:
-        base = f"{prefix}:{{{route}}}"
-        self.state, self.log, self.seq = f"{base}:state", f"{base}:log", f"{base}:seq"
-        self.lease, self.fence, self.share = f"{base}:lease", f"{base}:fence", f"{base}:share"
-        self.refs, self.refs_order, self.refs_version = f"{base}:refs", f"{base}:refs:order", f"{base}:refs:version"
 
 
 # KEYS: state, fence, log. ARGV: token ('' = no fence check), expected revision ('' = any),
@@ -356,6 +351,23 @@ class RedisLog:
 
     def keys(self, route: str) -> Keys:
         return Keys(self.prefix, route)
+
+    def lease(self, route: str, owner: str, ttl_ms: int) -> Lease:
+        """The route's lease for ``owner`` (gateway/control/lease.py)."""
+        return Lease(self.client, self.keys(route), owner, ttl_ms)
+
+    async def listen(self, wake: asyncio.Event) -> None:
+        """Set ``wake`` whenever a leader publishes a route's state; reconnects after Redis comes back."""
+        while True:
+            try:
+                async with self.client.pubsub() as pubsub:
+                    await pubsub.subscribe(self.channel)
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message is not None:
+                            wake.set()
+            except (RedisError, OSError):
+                await asyncio.sleep(1.0)
 
     async def append(self, route: str, replica: str, batch: Sequence[tuple[int, SampleRecord, bool]]) -> int:
         """Append ``(seq, record, controlled)`` in order; entries this replica appended before are skipped."""

@@ -8,12 +8,16 @@ which imports the plane.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from gateway.control.store import SampleRecord, StoreError
 from gateway.errors import StateUnavailable
+
+if TYPE_CHECKING:
+    from gateway.control.redis_store import LogEntry, LogRead, RouteView, StateRecord
 
 
 class Shared(Protocol):
@@ -54,3 +58,66 @@ def unavailable_if_shared(fleet: Shared | None) -> Iterator[None]:
         if fleet is None:
             raise
         raise StateUnavailable(f"The shared state store is unreachable; nothing was changed. ({exc})") from exc
+
+
+class RouteLease(Protocol):
+    """One replica's view of one route's lease with a fencing token (gateway/control/lease.py: Redis;
+    gateway/control/sqlite_log.py: the workers' state file)."""
+
+    token: int | None
+
+    async def hold(self) -> int | None:
+        """Take or renew the lease; the fencing token while held, else None."""
+        ...
+
+    def held(self) -> bool:
+        """Whether this replica holds the lease now (renewed within its time to live)."""
+        ...
+
+    def lost(self) -> None:
+        """Stop acting as the holder."""
+        ...
+
+    async def release(self) -> None:
+        """Hand the lease back at once."""
+        ...
+
+
+# (route, owner, ttl_ms) -> that route's lease for that owner
+LeaseFactory = Callable[[str, str, int], RouteLease]
+
+
+class SampleLog(Protocol):
+    """The shared side the fleet loop uses (gateway/control/fleet.py): ``RedisLog`` for replicas,
+    ``SQLiteLog`` for the workers of one host. Raises ``RedisError``/``OSError``/``StoreError`` when
+    the store cannot be reached, ``StaleLease``/``Conflict`` when a commit is refused."""
+
+    def lease(self, route: str, owner: str, ttl_ms: int) -> RouteLease:
+        """The route's lease for ``owner``, kept in this store."""
+        ...
+
+    async def listen(self, wake: asyncio.Event) -> None:
+        """Set ``wake`` when another replica publishes a state (may return at once: the loop polls)."""
+        ...
+
+    async def append(self, route: str, replica: str, batch: Sequence[tuple[int, SampleRecord, bool]]) -> int:
+        """Append ``(seq, record, controlled)`` in order, skipping what ``replica`` appended before."""
+        ...
+
+    async def read_state(self, route: str) -> StateRecord: ...
+
+    async def read_after(self, route: str, last_id: str, count: int) -> LogRead: ...
+
+    async def entries_after(self, route: str, last_id: str, count: int) -> list[LogEntry]: ...
+
+    async def commit(
+        self, route: str, token: int, revision: int, state: dict[str, Any], last_id: str, counts: dict[str, int]
+    ) -> int: ...
+
+    async def add_tokens(self, deltas: dict[str, dict[str, int]]) -> None: ...
+
+    async def views(self, routes: Iterable[str]) -> dict[str, RouteView]: ...
+
+    async def reference_sets(self, route: str) -> list[tuple[str, str]]: ...
+
+    async def aclose(self) -> None: ...

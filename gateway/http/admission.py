@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from math import ceil
 
 from gateway.errors import Draining, Overloaded
 from gateway.http.auth import Principal
 from gateway.metrics import Metrics
 from gateway.settings import RouteConfig
+
+
+def per_worker(limit: int, workers: int) -> int:
+    """One worker's share of a gateway-wide limit: ``ceil(limit / workers)`` (gateway/workers.py)."""
+    return ceil(limit / workers)
 
 
 @dataclass
@@ -19,6 +25,9 @@ class Admission:
     the client may retry); while draining for shutdown it gets 503 (this
     replica is going away, another should take it). Evaluation work (canary,
     shadow) is shed before any of this: it stops at ``eval_max_in_flight``.
+
+    With ``workers`` > 1 processes, this is one worker's: each limit (``max_total``, a route's, a key's)
+    is the gateway's ``per_worker``, so the workers together admit about the configured limit.
     """
 
     max_total: int
@@ -30,6 +39,7 @@ class Admission:
     # A key's share of max_total when several keys share the gateway (its keys-file max_in_flight wins).
     key_share: float = 1.0
     shared: bool = False  # more than one client key: no key may hold every place
+    workers: int = 1
 
     def admit(self, principal: Principal | None = None) -> Ticket:
         if self.draining:
@@ -39,7 +49,10 @@ class Admission:
         key = None
         if principal is not None and (principal.max_in_flight is not None or self.shared):
             key = principal.name
-            limit = principal.max_in_flight or max(1, int(self.key_share * self.max_total))
+            if principal.max_in_flight is not None:
+                limit = per_worker(principal.max_in_flight, self.workers)
+            else:
+                limit = max(1, int(self.key_share * self.max_total))
             if self.by_key[key] >= limit:
                 raise Overloaded(f"This API key is at its limit of {limit} requests in flight; retry shortly.")
             self.by_key[key] += 1
@@ -59,10 +72,10 @@ class Ticket:
 
     def enter_route(self, route: RouteConfig) -> None:
         a = self.admission
-        if route.max_in_flight is not None and a.by_route[route.name] >= route.max_in_flight:
+        limit = None if route.max_in_flight is None else per_worker(route.max_in_flight, a.workers)
+        if limit is not None and a.by_route[route.name] >= limit:
             raise Overloaded(
-                f"The model route '{route.name}' is at its limit of {route.max_in_flight} requests in flight; "
-                "retry shortly."
+                f"The model route '{route.name}' is at its limit of {limit} requests in flight; retry shortly."
             )
         a.by_route[route.name] += 1
         self.route = route.name

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import ClientDisconnect
 
 from gateway.completions import Completion
@@ -202,5 +202,5 @@ async def ready(request: Request) -> JSONResponse:
 )
 async def metrics(request: Request) -> Response:
     # Rendering walks every series: do it off the event loop so a scrape never stalls requests.
-    body = await anyio.to_thread.run_sync(generate_latest, _services(request).metrics.registry)
+    body = await anyio.to_thread.run_sync(_services(request).metrics.exposition)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -24,7 +24,7 @@ from gateway.evaluation.sampler import Sampler
 from gateway.http import openapi
 from gateway.http.admin import has_admin_key
 from gateway.http.admin import router as admin_router
-from gateway.http.admission import Admission
+from gateway.http.admission import Admission, per_worker
 from gateway.http.api import router
 from gateway.http.auth import build_authenticator
 from gateway.http.guard import rate_limited_exception_handler
@@ -46,14 +46,22 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     routes = settings.load_routes()
     metrics = Metrics(registry)
     auth = build_authenticator(settings, {route.name for route in routes.routes})
-    admission = Admission(settings.max_in_flight, metrics, key_share=settings.key_share, shared=auth.keys > 1)
+    workers = settings.workers  # each worker admits its share of the gateway's limits
+    admission = Admission(
+        per_worker(settings.max_in_flight, workers),
+        metrics,
+        key_share=settings.key_share,
+        shared=auth.keys > 1,
+        workers=workers,
+    )
     store = _open_store(settings)
     try:
         control = ControlPlane(settings, routes, store, metrics)
     except BaseException:
         store.close()
         raise
-    fleet = join_fleet(control, settings, metrics) if settings.state_url else None
+    # Replicas share Redis; the workers of one `serve --workers N` share the state file (or that Redis).
+    fleet = join_fleet(control, settings, metrics) if settings.state_url or settings.workers > 1 else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -105,6 +113,10 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
 
 
 def _open_store(settings: Settings) -> Store:
+    if settings.state_url is None and settings.workers > 1:
+        from gateway.control.sqlite_log import SQLiteShared  # the workers' shared state file
+
+        return SQLiteShared(settings.state_path)
     if settings.state_url is None:
         return open_store(settings.state_path)
     from gateway.control.redis_store import RedisStore  # redis is imported only when used
