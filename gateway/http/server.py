@@ -56,7 +56,7 @@ def serve_in_thread(app: Any, *, port: int | None = None, settings: Settings | N
     """Yield the base URL while ``app`` is served; shut it down afterwards.
 
     With ``settings``, the server is configured as ``stopgate serve`` configures it (``server_config``);
-    without, it runs the same HTTP protocol with its default limits.
+    without, it runs the same HTTP protocol with its default limits and keep-alive.
     """
     port = port or free_port()
     if settings is not None:
@@ -64,7 +64,9 @@ def serve_in_thread(app: Any, *, port: int | None = None, settings: Settings | N
         config = server_config(app, quiet, host="127.0.0.1", port=port)
     else:
         http = guarded_protocol(ConnectionLimits())  # the protocol `stopgate serve` runs, so tests exercise it
+        keep_alive = Settings.model_fields["keep_alive_timeout_s"].default
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http)
+        config.timeout_keep_alive = keep_alive
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()
