@@ -8,6 +8,7 @@ bad setting.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import signal
@@ -21,7 +22,6 @@ from gateway import demo
 from gateway.control.store import StoreError
 from gateway.engine.embedded import EngineStartError, port_in_use
 from gateway.http.auth import build_authenticator
-from gateway.http.guard import ConnectionLimits, effective_max_connections, guarded_protocol
 from gateway.launch import fail, upstream_or_engine
 from gateway.settings import ConfigError, EngineSettings, Settings, build_settings
 
@@ -125,37 +125,19 @@ def _run_uvicorn(settings: Settings) -> int:
     import uvicorn
 
     from gateway.http.app import create_app
+    from gateway.http.server import server_config
 
     if settings.workers > 1:
         from gateway.workers import run_workers
 
         return run_workers(settings)
     app = create_app(settings)
-    limits = ConnectionLimits(
-        max_header_bytes=settings.max_header_bytes,
-        max_headers=settings.max_headers,
-        header_timeout_s=settings.header_timeout_s,
-        max_connections=effective_max_connections(
-            settings.max_connections, upstream_connections=settings.max_upstream_connections
-        ),
-    )
-    if settings.max_connections and limits.max_connections < settings.max_connections:
-        log.warning("max_connections lowered to %d to stay below the descriptor limit", limits.max_connections)
-    # No access log: Prometheus counts requests, and a log line per request costs CPU.
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-        # The stdlib loop, not uvloop: under uvloop, 200 clients leaving at once went unnoticed and their
-        # engine requests ran to the end (tests/test_faults.py); under asyncio each one aborts.
-        loop="asyncio",
-        # httptools with header, timeout and connection limits (gateway/http/guard.py); no `server: uvicorn`.
-        http=guarded_protocol(limits),
-        server_header=False,
-    )
+    config = server_config(app, settings)
+    # Everything built so far (modules, the app, config) lives as long as the process: keep it out
+    # of the cyclic garbage collector, whose full passes over it stalled every request in flight
+    # for tens of milliseconds (the p99 of loadtest/overhead.py).
+    gc.collect()
+    gc.freeze()
 
     class DrainingServer(uvicorn.Server):
         """On SIGINT/SIGTERM: readiness goes false and new requests get 503 while in-flight ones finish."""

@@ -18,6 +18,8 @@ recent value.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
@@ -37,6 +39,19 @@ PROBE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Token kinds: what the client sees (prompt, completion), what the gateway added
 # around it (probe, forced), and evaluation work (canary, shadow).
 TOKEN_KINDS = ("prompt", "completion", "probe", "forced", "canary", "shadow")
+
+
+@dataclass(frozen=True)
+class _RouteSeries:
+    """One route's labelled children, looked up once (``labels()`` costs microseconds per call)."""
+
+    prompt: Counter
+    completion: Counter
+    probe: Counter
+    forced: Counter
+    duration: Histogram
+    ttft: Histogram
+    probe_duration: Histogram
 
 
 class Metrics:
@@ -197,6 +212,51 @@ class Metrics:
             ["route", "source", "reason"],
             registry=r,
         )
+        # Caches of labelled children for the per-request path; bounded because label values are.
+        self._routes: dict[str, _RouteSeries] = {}
+        self._request_counts: dict[tuple[str, str, str, str], Counter] = {}
+
+    def request_done(
+        self,
+        route: str,
+        policy: str,
+        stop_reason: str,
+        code: int,
+        *,
+        prompt: int,
+        completion: int,
+        probe: int,
+        forced: int,
+        duration_s: float,
+        ttft_s: float | None,
+        probe_durations: Iterable[float] = (),
+    ) -> None:
+        """Count one answered request: its outcome, tokens by kind, durations and time to first token."""
+        key = (route, policy, stop_reason, str(code))
+        count = self._request_counts.get(key)
+        if count is None:
+            count = self._request_counts[key] = self.requests.labels(*key)
+        count.inc()
+        series = self._routes.get(route)
+        if series is None:
+            series = self._routes[route] = _RouteSeries(
+                prompt=self.tokens.labels(route, "prompt"),
+                completion=self.tokens.labels(route, "completion"),
+                probe=self.tokens.labels(route, "probe"),
+                forced=self.tokens.labels(route, "forced"),
+                duration=self.request_duration.labels(route),
+                ttft=self.ttft.labels(route),
+                probe_duration=self.probe_duration.labels(route),
+            )
+        series.prompt.inc(prompt)
+        series.completion.inc(completion)
+        series.probe.inc(probe)
+        series.forced.inc(forced)
+        series.duration.observe(duration_s)
+        for seconds in probe_durations:
+            series.probe_duration.observe(seconds)
+        if ttft_s is not None:
+            series.ttft.observe(ttft_s)
 
     def exposition(self) -> bytes:
         """The text a scrape returns: this registry, or every worker's metrics when several share a directory."""

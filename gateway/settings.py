@@ -299,6 +299,10 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0)
     body_timeout_s: float = Field(default=30.0, gt=0)
     max_connections: int = Field(default=0, ge=0)
+    # How long an idle keep-alive client connection stays open. Above the clients' own pool expiry (httpx 5 s,
+    # aiohttp 15 s): uvicorn's default of 5 s equals httpx's, and a client that reuses a connection the server
+    # is closing at that instant gets a ReadError on a request that never ran.
+    keep_alive_timeout_s: float = Field(default=75.0, gt=0)
     max_n: int = Field(default=8, ge=1)
     # The cost bound (gateway/stopping/cost.py): engine tokens per request (main stream, every choice and prompt,
     # probes, forced answer, ensemble samples) at most this multiple of the request's own max_tokens.

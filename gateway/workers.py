@@ -28,6 +28,7 @@ holds across the workers as follows:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -47,7 +48,8 @@ from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
 from gateway.http.admission import per_worker
-from gateway.http.guard import ConnectionLimits, effective_max_connections, guarded_protocol
+from gateway.http.guard import guarded_protocol
+from gateway.http.server import connection_limits
 from gateway.settings import Settings
 
 log = logging.getLogger("stopgate")
@@ -57,18 +59,6 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # A new worker answers only once its imports are done: uvicorn's 5 s replaced workers over and over on a
 # loaded two-core machine (load 16), never letting one start.
 WORKER_HEALTHCHECK_S = 30
-
-
-def connection_limits(settings: Settings) -> ConnectionLimits:
-    """The HTTP server's limits (gateway/http/guard.py), per process (each has its own descriptors)."""
-    return ConnectionLimits(
-        max_header_bytes=settings.max_header_bytes,
-        max_headers=settings.max_headers,
-        header_timeout_s=settings.header_timeout_s,
-        max_connections=effective_max_connections(
-            settings.max_connections, upstream_connections=settings.max_upstream_connections
-        ),
-    )
 
 
 def start_draining(app: FastAPI, settings: Settings) -> None:
@@ -98,6 +88,8 @@ class WorkerApp:
         logging.getLogger("asyncio").setLevel(logging.ERROR)
         app = create_app(s)
         _drain_on_exit(app, s)
+        gc.collect()  # what lives as long as the worker stays out of the cyclic collector (as in gateway/cli.py)
+        gc.freeze()
         return app
 
 
@@ -173,7 +165,8 @@ def run_workers(settings: Settings) -> int:
             log_level=settings.log_level,
             access_log=False,
             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-            loop="asyncio",  # as the single process (gateway/cli.py says why)
+            loop="asyncio",  # as the single process (gateway/http/server.py says why)
+            timeout_keep_alive=settings.keep_alive_timeout_s,  # above the clients' pool expiry (the setting says why)
             server_header=False,
             timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
         )

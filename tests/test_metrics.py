@@ -49,6 +49,34 @@ def test_every_metric_has_the_stopgate_prefix_and_bounded_labels() -> None:
     assert expected <= names and all(n.startswith("stopgate_") for n in names)
 
 
+def test_request_done_counts_the_series_the_labels_api_counts_and_reuses_its_children() -> None:
+    registry = CollectorRegistry()
+    m = Metrics(registry)
+    for ttft in (0.02, None):
+        m.request_done(
+            "arith",
+            "budget",
+            "budget",
+            200,
+            prompt=5,
+            completion=7,
+            probe=3,
+            forced=2,
+            duration_s=0.5,
+            ttft_s=ttft,
+            probe_durations=(0.01, 0.02),
+        )
+    m.requests.labels("arith", "budget", "budget", "200").inc()  # the labels() API counts the same series
+    labels = {"route": "arith", "policy": "budget", "stop_reason": "budget", "code": "200"}
+    assert value(registry, "stopgate_requests_total", **labels) == 3
+    for kind, count in (("prompt", 10), ("completion", 14), ("probe", 6), ("forced", 4)):
+        assert value(registry, "stopgate_tokens_total", route="arith", kind=kind) == count
+    assert value(registry, "stopgate_request_duration_seconds_count", route="arith") == 2
+    assert value(registry, "stopgate_probe_duration_seconds_count", route="arith") == 4
+    assert value(registry, "stopgate_time_to_first_token_seconds_count", route="arith") == 1
+    assert value(registry, "stopgate_tokens_total", route="arith", kind="canary") == 0
+
+
 def test_an_early_stop_counts_its_request_and_tokens_by_kind(session_gateway: Any) -> None:  # noqa: F811
     _, start = session_gateway
     with start(Script(pieces=THINKING, delay_s=0.001)) as (url, registry):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -43,9 +44,9 @@ def test_sse_decoding_does_not_depend_on_where_the_bytes_are_split(payloads: lis
     ending = data.draw(st.sampled_from(["\n", "\r\n", "\r"]))
     stream = stream.replace("\n", ending)
     decoder = SSEDecoder()
-    events: list[str] = []
+    events: list[bytes] = []
     for piece in split_points(stream, data):
-        events.extend(decoder.feed(piece))
+        events.extend(decoder.feed(piece.encode()))
     events.extend(decoder.flush())
     assert [json.loads(e) for e in events] == payloads
 
@@ -55,11 +56,22 @@ def test_sse_decoding_does_not_depend_on_where_the_bytes_are_split(payloads: lis
 def test_sse_decoder_never_raises_on_arbitrary_text(text: str, data: st.DataObject) -> None:
     decoder = SSEDecoder()
     for piece in split_points(text, data):
-        decoder.feed(piece)
+        decoder.feed(piece.encode())
     decoder.flush()
 
 
 # -- EM normalisation and matching ---------------------------------------------------------
+
+
+@FAST
+@given(payload=st.dictionaries(st.text(max_size=10), json_values, max_size=4))
+def test_sse_encoding_writes_what_json_dumps_writes(payload: dict[str, Any]) -> None:
+    assert encode(payload) == f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def test_sse_encoding_refuses_what_json_cannot_write() -> None:
+    with pytest.raises(TypeError, match="set is not JSON serializable"):
+        encode({"x": {1}})
 
 
 @FAST
@@ -145,3 +157,11 @@ def test_convergence_stops_only_on_agreeing_answers(answers: list[str]) -> None:
         if decision.action is Action.STOP:
             assert len(seen) >= 2 and seen[-1] == seen[-2]
             return
+
+
+def test_sse_decoder_takes_one_whole_event_per_piece_and_still_joins_data_lines() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: x\n\n") == [b"x"]
+    assert decoder.feed(b"data: a\ndata: b\n\n") == [b"a\nb"]
+    assert decoder.feed(b"data: y\r\n\r\n") == [b"y"]
+    assert decoder.feed(b"data: z\n") == [] and decoder.feed(b"\n") == [b"z"]

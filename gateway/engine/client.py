@@ -8,7 +8,8 @@ is how both a client disconnect and an early stop free the engine.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol
 
@@ -21,9 +22,12 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.openai.sse import DONE, iter_sse_data
+from gateway.openai.sse import DONE, SSEDecoder, loads
 
 _MAX_ERROR_BODY = 64 * 1024
+# What httpx's ``json=`` sends, built once: ``json.dumps`` with arguments builds an encoder per call.
+_encode_body = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+_JSON_TYPE = "application/json"
 
 
 def translate(exc: httpx.HTTPError) -> UpstreamError:
@@ -55,6 +59,17 @@ def _error_message(status: int, raw: bytes) -> tuple[str, str | None]:
     return json.dumps(body)[:500], None
 
 
+class ChunkSource(Protocol):
+    """An engine stream's JSON chunks (an ``AsyncIterator``), and whether the next one is already in hand."""
+
+    @property
+    def more_buffered(self) -> bool: ...
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]: ...
+
+    def __anext__(self) -> Awaitable[dict[str, Any]]: ...
+
+
 class EngineClient(Protocol):
     """What the generation code needs from an engine: one ``Upstream`` or a pool of replicas."""
 
@@ -63,7 +78,7 @@ class EngineClient(Protocol):
 
     def stream(
         self, path: str, body: dict[str, Any], *, request_id: str
-    ) -> AbstractAsyncContextManager[AsyncIterator[dict[str, Any]]]: ...
+    ) -> AbstractAsyncContextManager[ChunkSource]: ...
 
     async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any: ...
 
@@ -104,15 +119,16 @@ class Upstream:
 
     @asynccontextmanager
     async def stream(
-        self, path: str, body: dict[str, Any], *, request_id: str
-    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+        self, path: str, body: dict[str, Any], *, request_id: str, total_timeout_s: float | None = None
+    ) -> AsyncIterator[ChunkStream]:
         """POST a streaming request; yield an iterator of its JSON chunks.
 
         Raises before yielding if the engine refuses the request, so the
-        caller can still answer with a proper HTTP status.
+        caller can still answer with a proper HTTP status. A stream that runs
+        past ``total_timeout_s`` (from now) ends with ``UpstreamTimeout``.
         """
-        headers = {"X-Request-Id": request_id}
-        request = self.client.build_request("POST", path, json=body, headers=headers)
+        headers = {"content-type": _JSON_TYPE, "x-request-id": request_id}
+        request = self.client.build_request("POST", path, content=_encode_body(body).encode(), headers=headers)
         try:
             response = await self.client.send(request, stream=True)
         except httpx.HTTPError as exc:
@@ -124,7 +140,8 @@ class Upstream:
                 if response.status_code < 500:
                     raise UpstreamRejected(response.status_code, message, param=param)
                 raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
-            yield _chunks(response)
+            deadline = None if total_timeout_s is None else time.monotonic() + total_timeout_s
+            yield ChunkStream(response, deadline, total_timeout_s)
         except httpx.HTTPError as exc:
             raise translate(exc) from exc
         finally:
@@ -176,29 +193,68 @@ async def _read_bounded(response: httpx.Response) -> bytes:
 RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
-async def _chunks(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
-    done = False
-    try:
-        async for data in iter_sse_data(response.aiter_text()):
-            if done:
-                continue
-            if data == DONE:
-                # Read on to the end of the body: a response closed unfinished
-                # loses its keep-alive connection, and the next request reconnects.
-                done = True
-                continue
-            try:
-                chunk = json.loads(data)
-            except ValueError as exc:
-                raise UpstreamError("The upstream engine sent a malformed stream chunk.") from exc
-            if not isinstance(chunk, dict):
-                raise UpstreamError("The upstream engine sent a malformed stream chunk.")
-            if "error" in chunk:
-                message, _ = _error_message(500, data.encode())
-                raise UpstreamError(f"The upstream engine failed mid-stream: {message}")
-            done = chunk.get("type") in RESPONSE_END_EVENTS
-            yield chunk
-    except httpx.HTTPError as exc:
-        raise translate(exc) from exc
-    if not done:
-        raise UpstreamError("The upstream stream ended without [DONE].")
+class ChunkStream:
+    """The engine's SSE stream as JSON chunks (iterate it with ``async for``).
+
+    Reads httpx's raw body pieces and decodes the events as bytes (no text
+    decoding of the whole stream, no per-line buffers). ``more_buffered`` is
+    True when the next chunk is already decoded from bytes in hand, so taking
+    it will not wait on the engine: the SSE relay uses it to send a burst of
+    chunks in one write.
+    """
+
+    def __init__(
+        self, response: httpx.Response, deadline: float | None = None, total_timeout_s: float | None = None
+    ) -> None:
+        self.more_buffered = False
+        self._deadline = deadline
+        self._total_timeout_s = total_timeout_s
+        self._chunks = self._iterate(response)
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._chunks
+
+    def __anext__(self) -> Awaitable[dict[str, Any]]:  # an AsyncIterator too, for code typed with one
+        return self._chunks.__anext__()
+
+    async def _iterate(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+        decoder = SSEDecoder()
+        done = False
+        deadline = self._deadline
+        pieces = response.aiter_bytes()
+        try:
+            while True:
+                piece = await anext(pieces, b"")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise UpstreamTimeout(
+                        f"The upstream stream ran past the total timeout of {self._total_timeout_s:g} s."
+                    )
+                events = decoder.feed(piece) if piece else decoder.flush()
+                last = len(events) - 1
+                for i, data in enumerate(events):
+                    if done:
+                        continue
+                    if data == DONE:
+                        # Read on to the end of the body: a response closed unfinished
+                        # loses its keep-alive connection, and the next request reconnects.
+                        done = True
+                        continue
+                    try:
+                        chunk = loads(data)
+                    except ValueError as exc:
+                        raise UpstreamError("The upstream engine sent a malformed stream chunk.") from exc
+                    if not isinstance(chunk, dict):
+                        raise UpstreamError("The upstream engine sent a malformed stream chunk.")
+                    if "error" in chunk:
+                        message, _ = _error_message(500, data)
+                        raise UpstreamError(f"The upstream engine failed mid-stream: {message}")
+                    done = chunk.get("type") in RESPONSE_END_EVENTS
+                    self.more_buffered = not done and i < last and events[i + 1] != DONE
+                    yield chunk
+                self.more_buffered = False
+                if not piece:
+                    break
+        except httpx.HTTPError as exc:
+            raise translate(exc) from exc
+        if not done:
+            raise UpstreamError("The upstream stream ended without [DONE].")

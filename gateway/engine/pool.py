@@ -31,8 +31,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.engine.client import Upstream
-from gateway.errors import UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from gateway.engine.client import ChunkSource, Upstream
+from gateway.errors import UpstreamError, UpstreamRejected, UpstreamUnavailable
 
 log = logging.getLogger("stopgate.upstream")
 
@@ -151,9 +151,7 @@ class UpstreamPool:
             log.warning("upstream %s failed %d times in a row; breaker open", replica.name, replica.breaker.failures)
 
     @asynccontextmanager
-    async def stream(
-        self, path: str, body: dict[str, Any], *, request_id: str
-    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    async def stream(self, path: str, body: dict[str, Any], *, request_id: str) -> AsyncIterator[ChunkSource]:
         tried: set[int] = set()
         attempts = 0
         while True:
@@ -162,9 +160,11 @@ class UpstreamPool:
             replica.in_flight += 1
             started = False
             try:
-                async with replica.upstream.stream(path, body, request_id=request_id) as chunks:
+                async with replica.upstream.stream(
+                    path, body, request_id=request_id, total_timeout_s=self.total_timeout_s
+                ) as chunks:
                     started = True
-                    yield self._bounded(chunks)
+                    yield chunks
                 replica.breaker.success()
                 return
             except UpstreamUnavailable as exc:
@@ -178,13 +178,6 @@ class UpstreamPool:
                 raise
             finally:
                 replica.in_flight -= 1
-
-    async def _bounded(self, chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        deadline = self.clock() + self.total_timeout_s
-        async for chunk in chunks:
-            if self.clock() > deadline:
-                raise UpstreamTimeout(f"The upstream stream ran past the total timeout of {self.total_timeout_s:g} s.")
-            yield chunk
 
     async def post_json(self, path: str, body: dict[str, Any], *, request_id: str) -> Any:
         """A small JSON request on the least-loaded healthy replica, retried as ``stream`` retries."""

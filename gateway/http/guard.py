@@ -19,6 +19,15 @@ subclass of its protocol, which adds:
   ``503`` with ``Retry-After`` and closed at once, so descriptors stay below
   the process's limit (``effective_max_connections``).
 
+It also writes what one event-loop turn sends in one write (``_Coalescing``):
+uvicorn writes the status line and headers as soon as the app sends
+``http.response.start``, and each body message as it comes, so a JSON answer
+costs two writes and a stream one per SSE event, even when the engine's chunks
+were relayed in one loop turn. Each write to loopback costs tens of
+microseconds of kernel time plus a wake-up of the peer (``loadtest/overhead.py``).
+Every byte is still written in order, at most one loop turn late, and closing
+the connection writes what is held first.
+
 The body's own timeout is the handler's (``body_timeout_s`` in
 ``gateway/http/api.py``), which can answer in OpenAI's error format.
 ``rate_limited_exception_handler`` keeps the event loop's own errors (such as
@@ -71,7 +80,7 @@ def effective_max_connections(configured: int, *, upstream_connections: int) -> 
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with ``limits`` (pass the class as ``uvicorn.Config(http=...)``)."""
+    """uvicorn's httptools protocol with ``limits``, one write per loop turn (``uvicorn.Config(http=...)``)."""
 
     class GuardedHttpToolsProtocol(_Guarded):
         LIMITS = limits
@@ -94,7 +103,8 @@ class _Guarded(HttpToolsProtocol):
     # -- the connection ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        wrapped: Any = _Coalescing(transport, self.loop)
+        super().connection_made(wrapped)
         if len(self.connections) > self.LIMITS.max_connections:
             self._refuse(503, b"too many connections", extra=b"retry-after: 1\r\n")
             return
@@ -177,6 +187,35 @@ class _Guarded(HttpToolsProtocol):
             b"connection: close\r\n%s\r\n%s" % (status, _REASONS[status], len(message), extra, message)
         )
         self.transport.close()
+
+
+class _Coalescing:
+    """The transport as uvicorn's protocol sees it: the writes of one loop turn become one write."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._held = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            held.append(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(held[0] if len(held) == 1 else b"".join(held))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the real transport's
+        return getattr(self._transport, name)
 
 
 class rate_limited_exception_handler:  # noqa: N801 (used as a callable, named like a function)

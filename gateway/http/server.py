@@ -1,8 +1,9 @@
-"""Run an ASGI app under a real uvicorn server in a background thread (the demo and the tests)."""
+"""The uvicorn server the gateway runs under: its config (`stopgate serve`) and a server in a thread (demo, tests)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -12,13 +13,65 @@ from typing import Any
 import uvicorn
 
 from gateway.engine.embedded import free_port
+from gateway.http.guard import ConnectionLimits, effective_max_connections, guarded_protocol
+from gateway.settings import Settings
+
+log = logging.getLogger("stopgate")
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The HTTP server's limits (gateway/http/guard.py), per process (each has its own descriptors)."""
+    return ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=effective_max_connections(
+            settings.max_connections, upstream_connections=settings.max_upstream_connections
+        ),
+    )
+
+
+def server_config(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None) -> uvicorn.Config:
+    """The uvicorn config ``stopgate serve`` runs ``app`` with (``host`` and ``port`` default to the settings')."""
+    limits = connection_limits(settings)
+    if settings.max_connections and limits.max_connections < settings.max_connections:
+        log.warning("max_connections lowered to %d to stay below the descriptor limit", limits.max_connections)
+    # No access log: Prometheus counts requests, and a log line per request costs CPU.
+    return uvicorn.Config(
+        app,
+        host=settings.host if host is None else host,
+        port=settings.port if port is None else port,
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        # Above the clients' pool expiry (see the setting): uvicorn's default of 5 s equals httpx's.
+        timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn types it int
+        # The stdlib loop, not uvloop: under uvloop, 200 clients leaving at once went unnoticed and their
+        # engine requests ran to the end (tests/test_faults.py); under asyncio each one aborts.
+        loop="asyncio",
+        # httptools with header, timeout and connection limits and one write per loop turn
+        # (gateway/http/guard.py); no `server: uvicorn`.
+        http=guarded_protocol(limits),
+        server_header=False,
+    )
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, port: int | None = None) -> Iterator[str]:
-    """Yield the base URL while ``app`` is served; shut it down afterwards."""
+def serve_in_thread(app: Any, *, port: int | None = None, settings: Settings | None = None) -> Iterator[str]:
+    """Yield the base URL while ``app`` is served; shut it down afterwards.
+
+    With ``settings``, the server is configured as ``stopgate serve`` configures it (``server_config``);
+    without, it runs the same HTTP protocol with its default limits and keep-alive.
+    """
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    if settings is not None:
+        quiet = settings.model_copy(update={"log_level": "warning"})
+        config = server_config(app, quiet, host="127.0.0.1", port=port)
+    else:
+        http = guarded_protocol(ConnectionLimits())  # the protocol `stopgate serve` runs, so tests exercise it
+        keep_alive = Settings.model_fields["keep_alive_timeout_s"].default
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http)
+        config.timeout_keep_alive = keep_alive
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), daemon=True)
     thread.start()

@@ -1,0 +1,195 @@
+"""The gateway's uvicorn server: the writes of one loop turn go out as one, in order, never lost; idle
+keep-alive connections outlive the clients' pool expiry (issue 15)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from gateway.engine.embedded import free_port
+from gateway.http.guard import _Coalescing
+from gateway.http.server import serve_in_thread, server_config
+from gateway.settings import Settings
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+
+class Recorder:
+    """A transport that records each write (a fake, not a mock)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return f"extra:{name}"
+
+
+def test_a_head_and_the_body_written_in_one_loop_turn_go_out_in_one_write() -> None:
+    async def main() -> list[bytes]:
+        real = Recorder()
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(HEAD)
+        transport.write(b"ok")
+        await asyncio.sleep(0)
+        return real.writes
+
+    assert asyncio.run(main()) == [HEAD + b"ok"]
+
+
+def test_a_head_alone_goes_out_one_loop_turn_later() -> None:
+    async def main() -> tuple[list[bytes], list[bytes]]:
+        real = Recorder()
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(HEAD)
+        before = list(real.writes)
+        await asyncio.sleep(0)
+        return before, real.writes
+
+    before, after = asyncio.run(main())
+    assert before == [] and after == [HEAD]
+
+
+def test_the_writes_of_one_loop_turn_go_out_in_one_write_in_order() -> None:
+    async def main() -> list[bytes]:
+        real = Recorder()
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        for piece in (b"a", b"b", b"c"):
+            transport.write(piece)
+        await asyncio.sleep(0)
+        transport.write(b"d")
+        await asyncio.sleep(0)
+        return real.writes
+
+    assert asyncio.run(main()) == [b"abc", b"d"]
+
+
+def test_closing_writes_what_is_held_first_and_other_calls_reach_the_real_transport() -> None:
+    async def main() -> Recorder:
+        real = Recorder()
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        assert transport.get_extra_info("peername") == "extra:peername"
+        transport.write(b"body bytes ")
+        transport.write(HEAD)
+        transport.close()
+        await asyncio.sleep(0)  # the scheduled flush finds nothing held: no second copy
+        return real
+
+    real = asyncio.run(main())
+    assert real.writes == [b"body bytes " + HEAD] and real.closed
+
+
+def test_nothing_held_is_written_to_a_transport_that_is_already_closing() -> None:
+    async def main() -> Recorder:
+        real = Recorder()
+        transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"late")
+        real.closed = True  # the peer went away
+        await asyncio.sleep(0)
+        return real
+
+    assert asyncio.run(main()).writes == []
+
+
+def test_served_responses_are_whole_json_and_streams_under_the_protocol() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        if scope["path"] == "/json":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for piece in (b"a", b"b", b"c"):
+            await asyncio.sleep(0.01)
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+    with serve_in_thread(app) as url, httpx.Client() as client:
+        for _ in range(3):  # on one keep-alive connection
+            assert client.get(f"{url}/json").content == b"ok"
+            assert client.get(f"{url}/stream").content == b"abc"
+
+
+# -- keep-alive: the server must not close an idle connection a client may still reuse ---------------------
+
+HTTPX_POOL_EXPIRY_S = 5.0  # httpx's default keepalive_expiry; uvicorn's default keep-alive timeout is the same
+
+
+def test_the_serve_config_keeps_idle_connections_longer_than_client_pools() -> None:
+    config = server_config(object(), Settings(upstream_url="http://127.0.0.1:9"))
+    assert config.timeout_keep_alive == 75
+    assert config.timeout_keep_alive > 15  # aiohttp's pool expiry, the longest of the usual clients'
+    custom = Settings(upstream_url="http://127.0.0.1:9", keep_alive_timeout_s=20)
+    assert server_config(object(), custom).timeout_keep_alive == 20
+
+
+def _get_health(sock: socket.socket) -> bytes:
+    """One ``GET /health`` on ``sock``; the whole response (it has a content-length), or what came before EOF."""
+    sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = sock.recv(65536)
+        if not piece:
+            return data
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        piece = sock.recv(65536)
+        if not piece:
+            break
+        body += piece
+    return head + b"\r\n\r\n" + body
+
+
+def test_stopgate_serve_keeps_an_idle_connection_past_the_httpx_pool_expiry(fake_engine: Any, tmp_path: Any) -> None:
+    """A connection idle a little longer than a client pool's expiry is still served (uvicorn's 5 s closed it)."""
+    _, upstream = fake_engine
+    port = free_port()
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--upstream", upstream, "--port", str(port)],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "STOPGATE_LOG_LEVEL": "warning"},
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "log").read_text()
+                time.sleep(0.1)
+        with sock:
+            assert _get_health(sock).startswith(b"HTTP/1.1 200")
+            time.sleep(HTTPX_POOL_EXPIRY_S + 1)
+            again = _get_health(sock)  # the same connection, reused as a client's pool would reuse it
+        assert again.startswith(b"HTTP/1.1 200"), again
+    finally:
+        proc.terminate()
+        proc.wait(20)
