@@ -1,8 +1,10 @@
-"""Issue 17 part 3: the peer benchmark (loadtest/peer.py) and its pieces.
+"""Issue 17: the peer benchmark (loadtest/peer.py), the engine client transports (loadtest/transport.py).
 
 wrk's output, the CPU accounting of process trees and the result table are checked on fixed
 inputs; one short real run (the upstream direct and stopgate, one round of 1 s, LiteLLM left out)
-must write a JSON of the right shape with no errors, and a PNG. Timings are never asserted.
+must write a JSON of the right shape with no errors, and a PNG. The transport benchmark's SSE
+splitting and summary are checked on fixed inputs, and three variants read whole streams in a short
+real run. Timings are never asserted.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest import peer, proc_cpu, wrk
+from loadtest import peer, proc_cpu, transport, wrk
 from loadtest.peer import Phase, Run, answer_text, markdown, request_body, schedule, summarize
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -151,3 +153,36 @@ def test_short_real_run_writes_the_table_with_no_errors(tmp_path: Path) -> None:
             assert row["rps"] > 0 and row["cpu_ms_per_request"] > 0 and row["wrk_cores_busy"] >= 0
     assert len(result["runs"]) == 4 * len(measured)
     assert set(result["ratios"]) == measured - {"engine"}
+
+
+# --- engine client transports (loadtest/transport.py) ----------------------------------------------------------
+
+
+def test_sse_events_are_split_on_blank_lines_and_the_rest_is_kept() -> None:
+    events, rest = transport.split_events(b'data: {"a": 1}\n\n: comment\n\ndata: [DONE]\n\ndata: {"b"')
+    assert (events, rest) == ([b'{"a": 1}', b"[DONE]"], b'data: {"b"')
+    events, rest = transport.split_events(rest + b": 2}\n\n")
+    assert (events, rest) == ([b'{"b": 2}'], b"")
+
+
+def test_transport_summary_is_per_variant_medians_against_todays_client() -> None:
+    def run(variant: str, cpu_s: float, requests: int = 100) -> dict[str, object]:
+        return {"variant": variant, "requests": requests, "chunks": 33 * requests, "errors": 0, "bad_chunk_counts": 0,
+                "cpu_s": cpu_s, "wall_s": 1.0, "upstream_cpu_s": 0.05}  # fmt: skip
+
+    runs = [run(transport.TODAY, c) for c in (0.3, 0.2, 0.25)] + [run("aiohttp:bytes:json", c) for c in (0.05, 0.1)]
+    s = transport.summarize(runs)
+    assert s[transport.TODAY]["client_cpu_us_per_request"] == pytest.approx(2500)
+    assert s["aiohttp:bytes:json"]["cpu_vs_today"] == pytest.approx(750 / 2500)
+    assert s["aiohttp:bytes:json"]["upstream_cpu_us_per_request"] == pytest.approx(500)
+    table = transport.markdown(s, 32).splitlines()
+    assert table[2].startswith("| aiohttp:bytes:json | 750 |") and "(today)" in table[3]
+
+
+def test_every_transport_reads_the_whole_stream_in_a_short_real_run(tmp_path: Path) -> None:
+    chosen = [transport.TODAY, "httpx-aiohttp:lines:json", "aiohttp:bytes:msgspec"]
+    argv = ["--rounds", "1", "--seconds", "0.3", "--warmup", "0", "--concurrency", "2", "--variants", *chosen]
+    assert transport.main([*argv, "--out", str(tmp_path / "t.json")]) == 0
+    summary = json.loads((tmp_path / "t.json").read_text())["summary"]
+    assert set(summary) == set(chosen)
+    assert all(row["errors"] == 0 and row["client_cpu_us_per_request"] > 0 for row in summary.values())
