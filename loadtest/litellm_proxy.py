@@ -55,8 +55,10 @@ def config(upstream: str, model: str, path: Path) -> Path:
                 "litellm_params": {"model": f"openai/{model}", "api_base": f"{upstream}/v1", "api_key": "none"},
             }
         ],
-        # As shipped otherwise; no master key (the gateway runs with --auth off too), no database, no callbacks.
         "litellm_settings": {"drop_params": True},
+        # No master key, as stopgate runs with --auth off; since 1.108 the proxy refuses to start without one
+        # unless told this. No database and no callbacks: otherwise as shipped.
+        "general_settings": {"dangerously_permit_weak_or_unset_master_key": True},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(body, indent=2) + "\n")

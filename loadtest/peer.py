@@ -345,7 +345,7 @@ def start_all(a: argparse.Namespace, stack: ExitStack, logs: Path) -> tuple[list
         conf = litellm_proxy.config(upstream_url, MODEL, logs / "litellm.json")
         # No PYTHONPATH: nothing of this checkout in the proxy; the model cost map from its wheel, not the network.
         lenv = {k: v for k, v in env.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-        lenv |= {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+        lenv["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
         proc = stack.enter_context(child(litellm_proxy.command(python, conf, port), logs / "litellm.log", lenv))
         targets.append(Target(LITELLM, f"http://127.0.0.1:{port}", proc.pid))
         ready.append((f"{targets[-1].url}/health/liveliness", proc, LITELLM, 180.0))
