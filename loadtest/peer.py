@@ -11,8 +11,9 @@ and at one connection for latency (wrk's own distribution), each non-streaming a
 Machine noise is shared out: every round runs every phase on every target, one after the other,
 in an order rotated each round, and the report gives the median over rounds. Around every wrk run
 the CPU time of each server's process tree is read from /proc, so each target's CPU per request
-(and per chunk) is its own, and the upstream's share behind a proxy is shown too. wrk's own CPU
-and the machine's busy cores are reported, to show that the load generator is not the limit.
+is its own, and the upstream's share behind a proxy is shown too; per chunk is per one-token
+piece of the answer (a non-streaming answer counts ``--tokens`` chunks). wrk's own CPU and the
+machine's busy cores are reported, to show that the load generator is not the limit.
 
     python -m loadtest.peer [--rounds 3 --seconds 8 --workers 1 2 --out results/peer]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -32,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from gateway.engine.embedded import free_port
@@ -121,11 +124,11 @@ def schedule(targets: Sequence[str], rounds: int, connections: int) -> Iterator[
 
 
 def measure(
-    target: Target, phase: Phase, body: bytes, path: str, pids: dict[str, int], a: argparse.Namespace, r: int
+    target: Target, phase: Phase, body: bytes, path: str, pids: dict[str, int], r: int, seconds: float, timeout_s: float
 ) -> Run:
     """One wrk run in round ``r``, with the CPU of every server tree and of the machine read just before and after."""
     before, busy0, t0 = proc_cpu.snapshot(), proc_cpu.machine_busy_s(), time.perf_counter()
-    result = wrk.run(target.url + path, body, connections=phase.connections, seconds=a.seconds, timeout_s=a.wrk_timeout)
+    result = wrk.run(target.url + path, body, connections=phase.connections, seconds=seconds, timeout_s=timeout_s)
     after, busy1, t1 = proc_cpu.snapshot(), proc_cpu.machine_busy_s(), time.perf_counter()
     cpu = {n: proc_cpu.tree_cpu_s(pid, after) - proc_cpu.tree_cpu_s(pid, before) for n, pid in pids.items()}
     return Run(r, phase.name, target.name, t1 - t0, result, cpu, busy1 - busy0)
@@ -340,7 +343,12 @@ def start_all(a: argparse.Namespace, stack: ExitStack, logs: Path) -> tuple[list
     if a.no_litellm:
         skipped[LITELLM] = "--no-litellm"
     else:
-        python = litellm_proxy.ensure_venv(a.litellm_version)
+        try:
+            python = litellm_proxy.ensure_venv(a.litellm_version)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+            skipped[LITELLM] = f"could not install litellm[proxy]=={a.litellm_version}: {exc}"
+            print(f"peer: skipping {LITELLM}: {skipped[LITELLM]}", file=sys.stderr)
+            return _ready(targets, ready), skipped
         port = free_port()
         conf = litellm_proxy.config(upstream_url, MODEL, logs / "litellm.json")
         # No PYTHONPATH: nothing of this checkout in the proxy; the model cost map from its wheel, not the network.
@@ -349,9 +357,14 @@ def start_all(a: argparse.Namespace, stack: ExitStack, logs: Path) -> tuple[list
         proc = stack.enter_context(child(litellm_proxy.command(python, conf, port), logs / "litellm.log", lenv))
         targets.append(Target(LITELLM, f"http://127.0.0.1:{port}", proc.pid))
         ready.append((f"{targets[-1].url}/health/liveliness", proc, LITELLM, 180.0))
-    for url, proc, name, timeout in ready:
+    return _ready(targets, ready), skipped
+
+
+def _ready(targets: list[Target], waits: list[tuple[str, Popen, str, float]]) -> list[Target]:
+    """``targets`` once every server in ``waits`` answers (they start side by side)."""
+    for url, proc, name, timeout in waits:
         wait_ready(url, proc, name, timeout)
-    return targets, skipped
+    return targets
 
 
 def bench(a: argparse.Namespace) -> dict[str, Any]:
@@ -372,7 +385,7 @@ def bench(a: argparse.Namespace) -> dict[str, Any]:
                     wrk.run(t.url + path, bodies[phase.stream], connections=phase.connections, seconds=a.warmup)
         total = a.rounds * len(phases(a.connections)) * len(targets)
         for i, (r, phase, name) in enumerate(schedule([t.name for t in targets], a.rounds, a.connections), 1):
-            run = measure(by_name[name], phase, bodies[phase.stream], path, pids, a, r)
+            run = measure(by_name[name], phase, bodies[phase.stream], path, pids, r, a.seconds, a.wrk_timeout)
             runs.append(run)
             print(
                 f"[{i}/{total}] round {r + 1} {phase.name:10} {name:12} {run.wrk.rps:8.1f} req/s  "
@@ -404,6 +417,10 @@ def config(a: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def _importable(module: str) -> bool:
     import importlib.util
 
@@ -429,11 +446,14 @@ def main(argv: list[str] | None = None) -> int:
     if wrk.wrk_binary() is None:
         ap.error("wrk is not installed (Debian: apt-get install wrk)")
     conf = config(a)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops the servers as Ctrl-C does
     try:
         result = bench(a)
     except KeyboardInterrupt:
         print("peer: interrupted; every server stopped", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     runs = result.pop("runs")
     result = {"config": conf, **result, "runs": [asdict(r) | {"wrk": asdict(r.wrk)} for r in runs]}
     print(report(result))

@@ -164,6 +164,7 @@ async def worker(
                     n = await one_request(client, kind, reader, decode, url, body)
                 except Exception:  # a benchmark counts failures; it does not stop at the first
                     counts["errors"] += count
+                    await asyncio.sleep(0.01)  # a refused connection must not spin this loop
                     continue
                 if count:
                     counts["requests"] += 1
