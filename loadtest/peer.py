@@ -77,6 +77,7 @@ class Run:
     wrk: wrk.WrkResult
     cpu_s: dict[str, float]  # server name -> CPU seconds of its process tree during the run
     machine_busy_s: float
+    settle_s: float = 0.0  # how long the target took to go quiet after wrk left (work on abandoned requests)
 
 
 def phases(connections: int) -> list[Phase]:
@@ -131,7 +132,21 @@ def measure(
     result = wrk.run(target.url + path, body, connections=phase.connections, seconds=seconds, timeout_s=timeout_s)
     after, busy1, t1 = proc_cpu.snapshot(), proc_cpu.machine_busy_s(), time.perf_counter()
     cpu = {n: proc_cpu.tree_cpu_s(pid, after) - proc_cpu.tree_cpu_s(pid, before) for n, pid in pids.items()}
-    return Run(r, phase.name, target.name, t1 - t0, result, cpu, busy1 - busy0)
+    return Run(r, phase.name, target.name, t1 - t0, result, cpu, busy1 - busy0, settle(target.pid))
+
+
+def settle(pid: int, quiet_cores: float = 0.05, step_s: float = 0.25, limit_s: float = 20.0) -> float:
+    """Wait until ``pid``'s tree uses under ``quiet_cores`` for one step, so that a server still working on
+    requests wrk abandoned does not spend the next run's CPU; the seconds that took."""
+    start = time.perf_counter()
+    last = proc_cpu.tree_cpu_s(pid, proc_cpu.snapshot())
+    while time.perf_counter() - start < limit_s:
+        time.sleep(step_s)
+        now = proc_cpu.tree_cpu_s(pid, proc_cpu.snapshot())
+        if now - last < quiet_cores * step_s:
+            break
+        last = now
+    return time.perf_counter() - start
 
 
 def _median(values: Sequence[float]) -> float:
@@ -140,7 +155,12 @@ def _median(values: Sequence[float]) -> float:
 
 
 def summarize(runs: Sequence[Run], tokens: int) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per phase and target: medians over rounds; errors summed. Added latency is per round against the engine."""
+    """Per phase and target: medians over rounds; errors summed. Added latency is per round against the engine.
+
+    CPU per request is the tree's CPU over the run divided by the answers completed in it, so it also
+    holds the work on the requests still in flight when wrk stopped (up to one per connection):
+    ``in_flight_share`` (connections / completed) bounds that overstatement; over 0.1 the report warns.
+    """
     out: dict[str, dict[str, dict[str, Any]]] = {}
     engine_p50 = {(r.round, r.phase): r.wrk.p50_ms for r in runs if r.target == ENGINE}
     for phase in dict.fromkeys(r.phase for r in runs):
@@ -149,8 +169,11 @@ def summarize(runs: Sequence[Run], tokens: int) -> dict[str, dict[str, dict[str,
             mine = [r for r in runs if r.phase == phase and r.target == name]
             per_req = [r.cpu_s.get(name, 0.0) * 1e3 / r.wrk.ok if r.wrk.ok else float("nan") for r in mine]
             upstream = [r.cpu_s.get(ENGINE, 0.0) * 1e3 / r.wrk.ok if r.wrk.ok else float("nan") for r in mine]
+            connections = int(phase.rsplit("@", 1)[1])
             row: dict[str, Any] = {
                 "rounds": len(mine),
+                "in_flight_share": _median([connections / r.wrk.ok if r.wrk.ok else float("inf") for r in mine]),
+                "settle_s": _median([r.settle_s for r in mine]),
                 "rps": _median([r.wrk.rps for r in mine]),
                 "cpu_ms_per_request": _median(per_req),
                 "cpu_us_per_chunk": _median(per_req) * 1e3 / tokens,
@@ -241,6 +264,18 @@ def report(result: dict[str, Any]) -> str:
             f"  {name}: CPU per streamed request {r['cpu_vs_engine_stream']:.1f}x the engine's; "
             f"per non-streaming request {r['cpu_vs_engine_json_via_stream']:.1f}x the engine's streamed one"
         )
+    for name in [ENGINE, *result["ratios"]]:
+        at_one = [result["summary"].get(p, {}).get(name, {}) for p in ("json@1", "stream@1")]
+        cpu = " / ".join(f"{row.get('cpu_ms_per_request', float('nan')):.2f}" for row in at_one)
+        lines.append(f"  {name}: CPU ms per request at 1 connection (json / stream) {cpu}")
+    for phase, rows in result["summary"].items():
+        for name, r in rows.items():
+            if r["in_flight_share"] > 0.1:
+                lines.append(
+                    f"  WARNING {name} {phase}: {1 / r['in_flight_share']:.1f} answers per connection and run: CPU per "
+                    f"request overstated by up to {100 * r['in_flight_share']:.0f}% (work on requests cut off at the "
+                    "end); run longer (--seconds), or read CPU at 1 connection"
+                )
     for name, why in result["skipped"].items():
         lines.append(f"  skipped {name}: {why}")
     return "\n".join(lines)
@@ -455,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     runs = result.pop("runs")
-    result = {"config": conf, **result, "runs": [asdict(r) | {"wrk": asdict(r.wrk)} for r in runs]}
+    result = {"config": conf, **result, "runs": [asdict(r) for r in runs]}
     print(report(result))
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "peer.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -127,6 +127,7 @@ def test_summary_takes_medians_over_rounds_and_sums_errors() -> None:
     assert (g["errors"], g["non_2xx"], g["requests"]) == (2, 2, 2600)
     assert g["upstream_cpu_ms_per_request"] == pytest.approx(0.5)  # median of 0.5, 1.0, 0.4545
     assert "added_p50_ms" not in s["engine"]
+    assert g["in_flight_share"] == pytest.approx(32 / 1000)  # bounds what cut-off requests add to CPU per request
 
 
 def test_result_table_has_one_row_per_target_with_the_summary_numbers() -> None:
