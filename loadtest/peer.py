@@ -371,7 +371,7 @@ def start_all(a: argparse.Namespace, stack: ExitStack, logs: Path) -> tuple[list
             continue
         port = free_port()
         cmd = [py, "-m", "gateway.cli", "serve", "--upstream", upstream_url, "--port", str(port), "--auth", "off"]
-        cmd += ["--workers", str(n)] if n > 1 else []
+        cmd += ["--workers", str(n)] if has_workers else []  # explicit, so no STOPGATE_WORKERS in the env decides
         proc = stack.enter_context(child(cmd, logs / f"{name}.log", {**env, **EMBEDDED_ENV}))
         targets.append(Target(name, f"http://127.0.0.1:{port}", proc.pid))
         ready.append((f"{targets[-1].url}/ready", proc, name, 60.0))
