@@ -1,4 +1,4 @@
-"""Drive a server with wrk (Debian's ``wrk``) and read what it measured, and CPU time from /proc.
+"""Drive a server with wrk (Debian's ``wrk``) and read what it measured.
 
 wrk is a C load generator on one event-loop thread: at 32 connections it costs far less CPU per
 request than any Python client, so it is not what limits the servers measured. Its Lua ``done``

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from loadtest import peer, proc_cpu, transport, wrk
-from loadtest.peer import Phase, Run, answer_text, markdown, request_body, schedule, summarize
+from loadtest.peer import Phase, Run, answer_text, request_body, schedule, summarize
+from loadtest.peer_report import markdown
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
