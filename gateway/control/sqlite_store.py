@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,67 +200,57 @@ class SQLiteStore(StoreBase):
             raise StoreError(f"{self.path}: store is closed")
         return self._conn
 
-    def load(self, route: str) -> dict[str, Any] | None:
+    def _rows(self, what: str, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Every row of one read; a SQLite error is a StoreError that says what could not be read."""
         with self._lock:
             try:
-                row = self._connection().execute("SELECT state FROM states WHERE route = ?", (route,)).fetchone()
+                return self._connection().execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot load route {route!r}: {exc}") from exc
-        return None if row is None else decode_state(row[0], str(self.path), route)
+                raise StoreError(f"{self.path}: cannot {what}: {exc}") from exc
 
-    def routes(self) -> list[str]:
-        with self._lock:
-            try:
-                rows = self._connection().execute("SELECT route FROM states ORDER BY route").fetchall()
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot list routes: {exc}") from exc
-        return [row[0] for row in rows]
-
-    def save(self, route: str, state: dict[str, Any], sample: SampleRecord | None = None) -> None:
-        text = encode_state(route, state, sample)
+    def _transaction(self, what: str, write: Callable[[sqlite3.Connection], None]) -> None:
+        """Run ``write`` in one immediate transaction, committed before this returns or rolled back."""
         with self._lock:
             conn = self._connection()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 try:
-                    self._write(conn, route, text, sample)
+                    write(conn)
                     conn.execute("COMMIT")
                 except BaseException:
                     if conn.in_transaction:
                         conn.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot save route {route!r}: {exc}") from exc
+                raise StoreError(f"{self.path}: cannot {what}: {exc}") from exc
+
+    def load(self, route: str) -> dict[str, Any] | None:
+        rows = self._rows(f"load route {route!r}", "SELECT state FROM states WHERE route = ?", (route,))
+        return None if not rows else decode_state(rows[0][0], str(self.path), route)
+
+    def routes(self) -> list[str]:
+        return [row[0] for row in self._rows("list routes", "SELECT route FROM states ORDER BY route")]
+
+    def save(self, route: str, state: dict[str, Any], sample: SampleRecord | None = None) -> None:
+        text = encode_state(route, state, sample)
+        self._transaction(f"save route {route!r}", lambda conn: self._write(conn, route, text, sample))
 
     def save_reference_set(self, route: str, name: str, body: str) -> None:
-        with self._lock:
-            conn = self._connection()
-            try:
-                conn.execute("BEGIN IMMEDIATE")  # one transaction, committed before we return
-                try:
-                    conn.execute("DELETE FROM reference_sets WHERE route = ? AND name = ?", (route, name))
-                    conn.execute(
-                        "INSERT INTO reference_sets (route, name, body, updated_at) VALUES (?, ?, ?, ?)",
-                        (route, name, body, time.time()),
-                    )
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                    raise
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot save reference set {name!r} of route {route!r}: {exc}") from exc
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM reference_sets WHERE route = ? AND name = ?", (route, name))
+            conn.execute(
+                "INSERT INTO reference_sets (route, name, body, updated_at) VALUES (?, ?, ?, ?)",
+                (route, name, body, time.time()),
+            )
+
+        self._transaction(f"save reference set {name!r} of route {route!r}", write)
 
     def reference_sets(self, route: str) -> list[tuple[str, str]]:
-        with self._lock:
-            try:
-                rows = (
-                    self._connection()
-                    .execute("SELECT name, body FROM reference_sets WHERE route = ? ORDER BY rowid", (route,))
-                    .fetchall()
-                )
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot read reference sets of route {route!r}: {exc}") from exc
+        rows = self._rows(
+            f"read reference sets of route {route!r}",
+            "SELECT name, body FROM reference_sets WHERE route = ? ORDER BY rowid",
+            (route,),
+        )
         return [(row[0], row[1]) for row in rows]
 
     def _write(self, conn: sqlite3.Connection, route: str, text: str, sample: SampleRecord | None) -> None:
@@ -307,18 +298,11 @@ class SQLiteStore(StoreBase):
         limit = min(limit, self._max)
         if limit <= 0:
             return []
-        with self._lock:
-            try:
-                rows = (
-                    self._connection()
-                    .execute(
-                        f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE route = ? ORDER BY id DESC LIMIT ?",
-                        (route, limit),
-                    )
-                    .fetchall()
-                )
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot read samples of route {route!r}: {exc}") from exc
+        rows = self._rows(
+            f"read samples of route {route!r}",
+            f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE route = ? ORDER BY id DESC LIMIT ?",
+            (route, limit),
+        )
         return [
             SampleRecord(
                 route=r[0],
@@ -334,15 +318,9 @@ class SQLiteStore(StoreBase):
         ]
 
     def counts(self, route: str) -> dict[str, int]:
-        with self._lock:
-            try:
-                rows = (
-                    self._connection()
-                    .execute("SELECT source, n FROM sample_counts WHERE route = ?", (route,))
-                    .fetchall()
-                )
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.path}: cannot count samples of route {route!r}: {exc}") from exc
+        rows = self._rows(
+            f"count samples of route {route!r}", "SELECT source, n FROM sample_counts WHERE route = ?", (route,)
+        )
         found = dict(rows)
         return {source: int(found.get(source, 0)) for source in sorted(SOURCES)}
 
