@@ -18,12 +18,9 @@ from dataclasses import dataclass, field
 
 import anyio
 
-from gateway.engine.client import EngineClient
 from gateway.errors import GatewayError
 from gateway.evaluation import Extractor, Normalizer
 from gateway.openai.chunks import ChunkParser
-from gateway.openai.protocol import ChatCompletionRequest, CompletionRequest, Endpoint
-from gateway.settings import RouteConfig
 from gateway.stopping.continuation import token_logprobs
 from gateway.stopping.rendered import Continuer
 from policies.base import ProbeResult
@@ -50,32 +47,22 @@ class ProbeStats:
 class Probes:
     def __init__(
         self,
-        upstream: EngineClient,
+        continuer: Continuer,
         *,
-        endpoint: Endpoint,
-        request: CompletionRequest | ChatCompletionRequest,
-        route: RouteConfig,
-        request_id: str,
         extractor: Extractor,
         normalizer: Normalizer,
         logprobs: bool,
         on_result: Callable[[ProbeResult], None],
-        continuer: Continuer | None = None,
     ) -> None:
-        self.upstream = upstream
-        # How a probe reaches the engine (gateway/stopping/rendered.py); the request's generation shares its own.
-        self.continuer = continuer or Continuer(
-            upstream, endpoint=endpoint, request=request, route=route, request_id=request_id
-        )
-        self.endpoint = endpoint
-        self.request = request
-        self.route = route
-        self.request_id = request_id
+        # How a probe reaches the engine (gateway/stopping/rendered.py): the request's generation shares its own.
+        self.continuer = continuer
+        self.route = continuer.route
+        self.request_id = continuer.request_id
         self.extractor = extractor
         self.normalizer = normalizer
         self.logprobs = logprobs
         self.on_result = on_result
-        self.max_probes = route.max_probes
+        self.max_probes = self.route.max_probes
         self.stats = ProbeStats()
         self._inflight: list[asyncio.Task[None]] = []
         self._launched_at: dict[asyncio.Task[None], int] = {}

@@ -82,6 +82,7 @@ class Generation:
         self._generated: list[str] = []
         self._reasoning: list[str] = []  # the thinking a reasoning parser split off, in order
         self._stop_event = asyncio.Event()
+        self._probe_stopped = False  # the stop came from a probe's result (not from the stream itself)
         self._policy_error: PolicyFailed | None = None
         self._finished = False  # the engine ended the stream itself
         self.probes: Probes | None = None
@@ -91,16 +92,11 @@ class Generation:
         if self.policy is not None:
             route = ctx.route
             self.probes = Probes(
-                upstream,
-                endpoint=ctx.endpoint,
-                request=ctx.request,
-                route=route,
-                request_id=ctx.request_id,
+                self.continuer,
                 extractor=get_extractor(route.extractor, route.extractor_pattern),
                 normalizer=get_normalizer(route.normalizer),
                 logprobs=self.policy.wants_logprobs,
                 on_result=self._on_probe,
-                continuer=self.continuer,
             )
 
     def _ask_engine(self, policy: StopPolicy) -> None:
@@ -145,9 +141,13 @@ class Generation:
         if self.policy is None or self._phase != "thinking" or self._finished:
             return
         try:
-            self._decide(self.policy.on_probe(result))
+            decision = self.policy.on_probe(result)
         except Exception as exc:  # a policy bug ends this request only
             self._fail(exc)
+            return
+        if decision.action is Action.STOP and self.accounting.stop_reason is None:
+            self._probe_stopped = True
+        self._decide(decision)
 
     def _observe(self, delta: ChoiceDelta) -> None:
         acc = self.accounting
@@ -253,6 +253,11 @@ class Generation:
                     if held is not None:
                         yield held
                         held = None
+                    if self._stop_event.is_set() and self._probe_stopped and self._phase == "answer":
+                        # The probe's stop landed with the chunk in which the model closed its reasoning
+                        # itself: nothing is left to cut, and stopping now would lose the answer.
+                        acc.stop_reason, self._probe_stopped = None, False
+                        self._stop_event.clear()
                     if self._stop_event.is_set():
                         held = out
                         break  # leaving the block closes the upstream stream: the engine aborts
