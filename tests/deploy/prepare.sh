@@ -12,12 +12,14 @@ mkdir -p "$DIR"
 log() { printf '[prepare %s] %s\n' "$(date -u +%T)" "$*"; }
 
 # -- packages ---------------------------------------------------------------------------------------------
+# netavark sets up container networks with iptables, which it only recommends: without it every build
+# step that needs a network fails with "netavark: No such file or directory".
 if ! command -v podman >/dev/null || ! command -v runc >/dev/null || ! command -v debootstrap >/dev/null \
-    || [ ! -x /usr/lib/podman/aardvark-dns ]; then
-    log "apt-get install podman buildah runc netavark aardvark-dns debootstrap"
+    || [ ! -x /usr/lib/podman/aardvark-dns ] || ! command -v iptables >/dev/null; then
+    log "apt-get install podman buildah runc netavark aardvark-dns iptables debootstrap"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        podman buildah runc netavark aardvark-dns debootstrap uidmap >/dev/null
+        podman buildah runc netavark aardvark-dns iptables debootstrap uidmap >/dev/null
 fi
 # Debian's podman-compose (1.0.3) breaks on network_mode: host; 1.6.0 from PyPI, in its own venv.
 if [ "$("$DIR/compose-venv/bin/podman-compose" --version 2>/dev/null | head -1)" != "podman-compose version 1.6.0" ]; then
