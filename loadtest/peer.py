@@ -27,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -274,7 +275,10 @@ def start_all(a: argparse.Namespace, stack: ExitStack, logs: Path) -> tuple[list
         port = free_port()
         cmd = [py, "-m", "gateway.cli", "serve", "--upstream", upstream_url, "--port", str(port), "--auth", "off"]
         cmd += ["--workers", str(n)] if has_workers else []  # explicit, so no STOPGATE_WORKERS in the env decides
-        proc = stack.enter_context(child(cmd, logs / f"{name}.log", {**env, **EMBEDDED_ENV}))
+        genv = {**env, **EMBEDDED_ENV}
+        if n > 1:  # workers share one controller through a state file (an in-memory state is refused)
+            genv["STOPGATE_STATE_PATH"] = str(Path(stack.enter_context(tempfile.TemporaryDirectory())) / "state.db")
+        proc = stack.enter_context(child(cmd, logs / f"{name}.log", genv))
         targets.append(Target(name, f"http://127.0.0.1:{port}", proc.pid))
         ready.append((f"{targets[-1].url}/ready", proc, name, 60.0))
     if a.no_litellm:

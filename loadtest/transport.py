@@ -8,10 +8,10 @@ a closed loop at ``--concurrency``, reads the SSE events and decodes every chunk
 - client ``httpx`` (``httpx.AsyncClient``, its own transport: httpcore, h11, anyio), ``httpx-aiohttp``
   (the same API over ``httpx_aiohttp.AiohttpTransport``, as the OpenAI SDK offers) or ``aiohttp``
   (``aiohttp.ClientSession`` directly);
-- reader ``gateway`` (today's engine client: ``gateway.openai.sse.iter_sse_data`` over
-  ``aiter_text()``; httpx only), ``lines`` (the library's line iterator: ``aiter_lines()``, or
-  iterating aiohttp's ``StreamReader``), or ``bytes`` (events split on blank lines from the raw
-  byte pieces: ``aiter_raw()`` / ``iter_any()``);
+- reader ``gateway`` (the gateway's engine client: ``gateway.openai.sse.SSEDecoder`` over
+  ``aiter_bytes()``; httpx only; before the lean hot path it read text lines), ``lines`` (the
+  library's line iterator: ``aiter_lines()``, or iterating aiohttp's ``StreamReader``), or ``bytes``
+  (events split on blank lines from the raw byte pieces: ``aiter_raw()`` / ``iter_any()``);
 - decoder ``json`` (``json.loads``) or ``msgspec`` (``msgspec.json.decode``).
 
 Each run is a process of its own (``--worker VARIANT``), so no variant inherits another's
@@ -47,7 +47,7 @@ Decode = Callable[[bytes | str], Any]
 
 
 def variants() -> list[str]:
-    """Every valid ``client:reader:decoder``; ``gateway`` reads text as today's client does, so httpx and json only."""
+    """Every valid ``client:reader:decoder``; ``gateway`` reads as the gateway's client does, so httpx and json only."""
     out = [TODAY]
     out += [f"{c}:{r}:{d}" for c in CLIENTS for r in READERS[1:] for d in DECODERS]
     return out
@@ -100,9 +100,13 @@ async def _payloads(client: Any, kind: str, reader: str, url: str, body: bytes) 
     async with client.stream("POST", url, content=body, headers=headers) as response:
         response.raise_for_status()
         if reader == "gateway":
-            from gateway.openai.sse import iter_sse_data
+            from gateway.openai.sse import SSEDecoder
 
-            async for data in iter_sse_data(response.aiter_text()):
+            decoder = SSEDecoder()
+            async for piece in response.aiter_bytes():
+                for data in decoder.feed(piece):
+                    yield data
+            for data in decoder.flush():
                 yield data
         elif reader == "lines":
             async for line in response.aiter_lines():

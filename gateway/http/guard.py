@@ -161,6 +161,16 @@ class _Guarded(HttpToolsProtocol):
         self._in_head = True  # the next request's head may follow on this connection
         self._head_bytes = 0
 
+    def on_response_complete(self) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body and not self.transport.is_closing():
+            # Answered before its body arrived (401, 408, 413, 429...): the rest of that body may still come,
+            # so the connection cannot carry another request. Close it now, not at the keep-alive timeout.
+            self.server_state.total_requests += 1
+            self.transport.close()
+            return
+        super().on_response_complete()
+
     # -- refusing ----------------------------------------------------------
 
     def _arm_head_timer(self) -> None:

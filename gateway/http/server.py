@@ -68,7 +68,10 @@ def serve_in_thread(app: Any, *, port: int | None = None, settings: Settings | N
         quiet = settings.model_copy(update={"log_level": "warning"})
         config = server_config(app, quiet, host="127.0.0.1", port=port)
     else:
-        http = guarded_protocol(ConnectionLimits())  # the protocol `stopgate serve` runs, so tests exercise it
+        # The protocol `stopgate serve` runs, so tests exercise it, with its automatic connection cap (below the
+        # descriptor limit): a test peer such as the fake engine takes every connection a gateway opens to it.
+        automatic = effective_max_connections(0, upstream_connections=0)
+        http = guarded_protocol(ConnectionLimits(max_connections=automatic))
         keep_alive = Settings.model_fields["keep_alive_timeout_s"].default
         config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", http=http)
         config.timeout_keep_alive = keep_alive
