@@ -43,6 +43,16 @@ os.environ.setdefault("STOPGATE_EVAL_SHARE", "0")
 os.environ.setdefault("STOPGATE_AUTH", "off")
 
 
+@pytest.fixture(params=["aiohttp", "httpx"])
+def engine_transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each HTTP stack under the engine client in turn (``engine_transport``), for the tests of the engine path.
+
+    Gateways started after it read the setting from the environment, in this process or a ``stopgate serve`` child.
+    """
+    monkeypatch.setenv("STOPGATE_ENGINE_TRANSPORT", request.param)
+    return str(request.param)
+
+
 @pytest.fixture
 def fake_engine() -> Iterator[tuple[FakeEngine, str]]:
     engine = FakeEngine()

@@ -26,6 +26,9 @@ from gateway.engine.embedded import free_port
 from loadtest.fake_engine import FakeEngine, Script
 from tests.support.waiting import wait_until
 
+# Under each HTTP stack the engine client can use (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("engine_transport")
+
 # Polls GET /health on one kept-alive connection until stdin closes (and 1,000 polls are done); prints the
 # latencies (s) as JSON.
 MONITOR = r"""

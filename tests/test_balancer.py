@@ -14,6 +14,9 @@ from gateway.http.server import serve_in_thread
 from loadtest.fake_engine import FakeEngine, Script
 from tests.support.wire import assert_openai_error, sse_events
 
+# Under each HTTP stack the engine client can use (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("engine_transport")
+
 
 class Clock:
     def __init__(self) -> None:

@@ -34,6 +34,9 @@ from tests.support.control import KEY, complete, routes_file, state
 from tests.support.waiting import wait_until
 from tests.support.wire import assert_openai_error
 
+# Under each HTTP stack the engine client can use (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("engine_transport")
+
 Gateway = tuple[str, FakeEngine, Any]
 NAN = float("nan")
 

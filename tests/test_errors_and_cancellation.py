@@ -19,6 +19,9 @@ from loadtest.fake_engine import FakeEngine, Script
 from tests.support.waiting import wait_until
 from tests.support.wire import assert_openai_error, sse_events
 
+# Under each HTTP stack the engine client can use (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("engine_transport")
+
 Gateway = tuple[str, FakeEngine, CollectorRegistry]
 OK_BODY = {"model": "tinyreason", "prompt": "Q: 1+2=?\n"}
 
@@ -180,7 +183,7 @@ def test_client_disconnect_during_non_streaming_request_closes_the_upstream_requ
     still_serving(url)
 
 
-def test_gateway_can_end_the_upstream_stream_itself(fake_engine: tuple[FakeEngine, str]) -> None:
+def test_gateway_can_end_the_upstream_stream_itself(fake_engine: tuple[FakeEngine, str], engine_transport: str) -> None:
     """The hook early stopping uses: a stop decision closes the engine stream mid-generation."""
     engine, upstream_url = fake_engine
     engine.push(Script(pieces=["a"] * 300, delay_s=0.005), Script(pieces=[" 7"]))
@@ -189,7 +192,7 @@ def test_gateway_can_end_the_upstream_stream_itself(fake_engine: tuple[FakeEngin
     ctx = RequestContext("completions", request, route, "rid-1")
 
     async def run() -> list[dict[str, Any]]:
-        upstream = Upstream(upstream_url)
+        upstream = Upstream(upstream_url, transport=engine_transport)
         try:
             return [c async for c in Generation(upstream, ctx).chunks()]
         finally:

@@ -6,10 +6,14 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client import CollectorRegistry
 
 from loadtest.fake_engine import FakeEngine, Script
 from tests.support.wire import sse_events
+
+# Under each HTTP stack the engine client can use (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("engine_transport")
 
 Gateway = tuple[str, FakeEngine, CollectorRegistry]
 

@@ -28,6 +28,7 @@ def test_growth_is_undefined_without_samples_in_the_windows() -> None:
     assert growth([-1.0, 0.5], [50.0, 60.0], duration=10.0, warmup=2.0)["growth_pct"] is None
 
 
+@pytest.mark.usefixtures("engine_transport")  # under each HTTP stack of the engine client
 def test_a_short_soak_writes_sane_outputs_and_leaves_no_client_behind(tmp_path: Path) -> None:
     out = tmp_path / "soak"
     config = SoakConfig(streams=50, duration=6.0, drain=10.0, pieces=(10, 20), delay=0.01, interval=0.5, out=out)

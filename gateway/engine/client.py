@@ -3,18 +3,27 @@
 ``Upstream.stream`` owns an upstream response's lifetime: leaving its
 ``async with`` block closes the connection, and vLLM aborts the request. That
 is how both a client disconnect and an early stop free the engine.
+
+Under httpx's API the bytes travel over aiohttp's HTTP/1.1 stack
+(``httpx_aiohttp.AiohttpTransport``, the transport the OpenAI SDK offers) by
+default, or over httpx's own (``transport="httpx"``). The aiohttp one costs
+about a third of the client CPU per streamed request (``loadtest/transport.py``).
+Errors from either are mapped onto the gateway's exception tree in ``translate``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
+import aiohttp
 import anyio
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from gateway.errors import (
     UpstreamError,
@@ -29,16 +38,46 @@ _MAX_ERROR_BODY = 64 * 1024
 _encode_body = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _JSON_TYPE = "application/json"
 
+log = logging.getLogger("stopgate.upstream")
 
-def translate(exc: httpx.HTTPError) -> UpstreamError:
-    """Map an httpx error onto the gateway's exception tree."""
-    if isinstance(exc, httpx.ConnectTimeout):  # the engine never took the request: unreachable, not slow
-        return UpstreamUnavailable(f"The upstream engine is unreachable ({type(exc).__name__}).")
-    if isinstance(exc, httpx.TimeoutException):
-        return UpstreamTimeout(f"The upstream engine did not respond in time ({type(exc).__name__}).")
-    if isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError | httpx.NetworkError):
-        return UpstreamUnavailable(f"The upstream engine is unreachable ({type(exc).__name__}).")
-    return UpstreamError(f"Talking to the upstream engine failed ({type(exc).__name__}).")
+EngineTransport = Literal["aiohttp", "httpx"]
+
+# What a transport call may raise. httpx-aiohttp re-raises most of aiohttp's errors as httpx's, but not all
+# (a malformed response is a bare ``ClientResponseError``), so aiohttp's own are caught beside them.
+TRANSPORT_ERRORS = (httpx.HTTPError, aiohttp.ClientError, TimeoutError)
+# Around a ``yield`` the caller's own code runs: a bare ``TimeoutError`` there is the caller's, not the engine's.
+_STREAM_ERRORS = (httpx.HTTPError, aiohttp.ClientError)
+
+
+def translate(exc: Exception) -> UpstreamError:
+    """Map a transport's error (httpx's, or aiohttp's under httpx-aiohttp) onto the gateway's exception tree.
+
+    httpx-aiohttp's table is loose: every ``aiohttp.ClientConnectionError``, a
+    read timeout's ``ServerTimeoutError`` included, becomes ``httpx.ConnectTimeout``.
+    So an httpx error raised from an aiohttp one is judged by the aiohttp one.
+    """
+    if isinstance(exc, httpx.HTTPError) and isinstance(exc.__cause__, aiohttp.ClientError | TimeoutError):
+        exc = exc.__cause__
+    name = type(exc).__name__
+    # The engine never took the request: unreachable, not slow. (aiohttp's connect timeout also covers the
+    # wait for a free pooled connection, which httpx calls a pool timeout.)
+    if isinstance(exc, httpx.ConnectTimeout | aiohttp.ConnectionTimeoutError | aiohttp.ClientConnectorError):
+        return UpstreamUnavailable(f"The upstream engine is unreachable ({name}).")
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):  # aiohttp's ServerTimeoutError is a TimeoutError
+        return UpstreamTimeout(f"The upstream engine did not respond in time ({name}).")
+    if isinstance(
+        exc,
+        httpx.ConnectError
+        | httpx.RemoteProtocolError
+        | httpx.NetworkError
+        # Disconnected, reset, a body cut short, a response aiohttp could not parse: httpx's network
+        # and protocol errors.
+        | aiohttp.ClientConnectionError
+        | aiohttp.ClientPayloadError
+        | aiohttp.ClientResponseError,
+    ):
+        return UpstreamUnavailable(f"The upstream engine is unreachable ({name}).")
+    return UpstreamError(f"Talking to the upstream engine failed ({name}).")
 
 
 def _error_message(status: int, raw: bytes) -> tuple[str, str | None]:
@@ -97,21 +136,26 @@ class Upstream:
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 120.0,
         max_connections: int = 512,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | EngineTransport = "aiohttp",
     ) -> None:
+        """``transport`` names the HTTP stack under httpx (``"aiohttp"`` or ``"httpx"``), or is one (a fake)."""
         self.base_url = base_url
+        # Idle connections are dropped before the engine's uvicorn drops them (its keep-alive is 5 s, as is
+        # httpx's default): reusing one it has just closed is a ReadError (a 503) on a request that never ran.
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=4.0
+        )
         self.client = httpx.AsyncClient(
             base_url=base_url,
             # The read timeout is per gap between bytes, so it must cover the
             # engine's time to first token under load; httpx's 5 s default won't.
             # Waiting for a free connection is waiting for the engine too: it gets the read timeout.
+            # AiohttpTransport maps these per request onto aiohttp's ClientTimeout: connect -> sock_connect,
+            # read -> sock_read (per gap, as here), pool -> connect (the wait for a connection plus connecting);
+            # aiohttp has no write timeout, and the request bodies are small.
             timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=read_timeout_s),
-            # Idle connections are dropped before the engine's uvicorn drops them (its keep-alive is 5 s, as is
-            # httpx's default): reusing one it has just closed is a ReadError (a 503) on a request that never ran.
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=4.0
-            ),
-            transport=transport,
+            limits=limits,
+            transport=_transport(transport, limits),
         )
 
     async def aclose(self) -> None:
@@ -131,7 +175,7 @@ class Upstream:
         request = self.client.build_request("POST", path, content=_encode_body(body).encode(), headers=headers)
         try:
             response = await self.client.send(request, stream=True)
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise translate(exc) from exc
         try:
             if response.status_code >= 400:
@@ -142,18 +186,21 @@ class Upstream:
                 raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
             deadline = None if total_timeout_s is None else time.monotonic() + total_timeout_s
             yield ChunkStream(response, deadline, total_timeout_s)
-        except httpx.HTTPError as exc:
+        except _STREAM_ERRORS as exc:
             raise translate(exc) from exc
         finally:
             # Closing is what makes the engine abort: it must happen even when
             # the caller is being cancelled (a client that left).
             with anyio.CancelScope(shield=True):
-                await response.aclose()
+                try:
+                    await response.aclose()
+                except TRANSPORT_ERRORS as exc:  # the connection is gone already; what ends the block stands
+                    log.debug("closing the upstream response of %s failed: %r", request_id, exc)
 
     async def get_json(self, path: str, *, timeout_s: float = 5.0) -> Any:
         try:
             response = await self.client.get(path, timeout=timeout_s)
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise translate(exc) from exc
         if response.status_code >= 400:
             message, _ = _error_message(response.status_code, response.content[:_MAX_ERROR_BODY])
@@ -167,7 +214,7 @@ class Upstream:
         """A small non-streamed JSON request (``/tokenize``): errors map as ``stream``'s do."""
         try:
             response = await self.client.post(path, json=body, headers={"X-Request-Id": request_id})
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise translate(exc) from exc
         if response.status_code >= 400:
             message, param = _error_message(response.status_code, response.content[:_MAX_ERROR_BODY])
@@ -178,6 +225,16 @@ class Upstream:
             return response.json()
         except ValueError as exc:
             raise UpstreamError(f"POST {path} returned invalid JSON.") from exc
+
+
+def _transport(
+    kind: httpx.AsyncBaseTransport | EngineTransport, limits: httpx.Limits
+) -> httpx.AsyncBaseTransport | None:
+    """The transport under the client: aiohttp's, httpx's own (None), or one given (a test's fake)."""
+    if not isinstance(kind, str):
+        return kind
+    # aiohttp's TCPConnector takes the same limits: at most max_connections, idle ones closed after 4 s.
+    return AiohttpTransport(limits=limits) if kind == "aiohttp" else None
 
 
 async def _read_bounded(response: httpx.Response) -> bytes:
@@ -254,7 +311,7 @@ class ChunkStream:
                 self.more_buffered = False
                 if not piece:
                     break
-        except httpx.HTTPError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise translate(exc) from exc
         if not done:
             raise UpstreamError("The upstream stream ended without [DONE].")

@@ -71,6 +71,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
                 connect_timeout_s=settings.connect_timeout_s,
                 read_timeout_s=settings.read_timeout_s,
                 max_connections=settings.max_upstream_connections,
+                transport=settings.engine_transport,
             )
             for url in settings.upstream_urls
         ]
