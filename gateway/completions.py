@@ -1,6 +1,6 @@
 """One completion through the gateway, from its credentials to its last chunk: no HTTP here.
 
-The HTTP handler (gateway/http/api.py) reads and parses the body and picks
+The HTTP handler (gateway/http/endpoints.py) reads and parses the body and picks
 JSON or SSE; this module does everything between. A ``Completion`` is
 admitted (authentication and an admission ticket, before the body is read:
 a refused caller costs no upload), opened (the route, its checks, the

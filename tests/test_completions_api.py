@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 
 from gateway.http.app import create_app
 from gateway.http.endpoints import route_path
+from gateway.http.server import serve_in_thread
 from gateway.settings import Settings
 from loadtest.fake_engine import FakeEngine, Script
 from tests.support.waiting import wait_until
@@ -170,3 +171,17 @@ def test_a_body_that_never_arrives_is_a_408_that_closes_the_connection(fake_engi
     sent = asyncio.run(_call(_app(upstream, body_timeout_s=0.2), None, leave_after=10**9))
     assert sent[0]["status"] == 408 and (b"connection", b"close") in sent[0]["headers"]
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+
+
+def test_the_fastapi_declarations_serve_the_same_endpoint_without_the_middleware(
+    fake_engine: tuple[FakeEngine, str],
+) -> None:
+    engine, upstream = fake_engine
+    engine.default = Script(pieces=ANSWER)
+    app = _app(upstream)
+    app.user_middleware.clear()  # e.g. mounted without it: FastAPI routes the request to api.py's declaration
+    with serve_in_thread(app) as url:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x"}, timeout=10)
+        missing = httpx.post(f"{url}/v1/completions", json={"model": "no-such-model", "prompt": "x"}, timeout=10)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].endswith("#### 3") and "x-request-id" in r.headers
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
