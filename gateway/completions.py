@@ -1,6 +1,6 @@
 """One completion through the gateway, from its credentials to its last chunk: no HTTP here.
 
-The HTTP handler (gateway/http/api.py) reads and parses the body and picks
+The HTTP handler (gateway/http/endpoints.py) reads and parses the body and picks
 JSON or SSE; this module does everything between. A ``Completion`` is
 admitted (authentication and an admission ticket, before the body is read:
 a refused caller costs no upload), opened (the route, its checks, the
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
@@ -119,7 +119,7 @@ class Completion:
                 await chunks.aclose()
             raise
 
-    def stream(self, first: dict[str, Any]) -> AsyncIterator[bytes]:
+    def stream(self, first: dict[str, Any]) -> AsyncGenerator[bytes, None]:
         """The SSE body after ``first``; it owns the admission ticket from now on and releases it when it ends."""
         assert self._chunks is not None and self._ticket is not None, "first() first"
         ticket, self._ticket = self._ticket, None
@@ -127,7 +127,7 @@ class Completion:
 
     async def _events(
         self, first: dict[str, Any], chunks: AsyncGenerator[dict[str, Any], None], ticket: Ticket
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         services, session = self.services, self.session
         code, ended = 200, False
         texts = [choice_text(first)]
@@ -211,25 +211,21 @@ def _finished(services: Services, session: Session, item: ReferenceItem | None, 
 
 
 def _record(services: Services, session: Session, code: int, started: float) -> None:
-    try:
-        _observe(services, session, code, started)
-    except Exception:  # a metric update never fails the request it counts
-        log.exception("recording metrics failed for request %s", session.ctx.request_id)
-
-
-def _observe(services: Services, session: Session, code: int, started: float) -> None:
-    m = services.metrics
+    """Count the request in the metrics; a metric update never fails the request it counts."""
     acc = session.accounting
-    route = session.ctx.route.name
-    stop_reason = "error" if code >= 400 else acc.stop_reason or "finished"
-    m.requests.labels(route, session.policy_name, stop_reason, str(code)).inc()
-    m.tokens.labels(route, "prompt").inc(acc.prompt)
-    m.tokens.labels(route, "completion").inc(acc.main)
-    m.tokens.labels(route, "probe").inc(acc.probe)
-    m.tokens.labels(route, "forced").inc(acc.forced)
-    m.request_duration.labels(route).observe(time.monotonic() - started)
-    if session.probes is not None:
-        for seconds in session.probes.stats.durations:
-            m.probe_duration.labels(route).observe(seconds)
-    if acc.first_token_at is not None:
-        m.ttft.labels(route).observe(acc.first_token_at - started)
+    try:
+        services.metrics.request_done(
+            session.ctx.route.name,
+            session.policy_name,
+            "error" if code >= 400 else acc.stop_reason or "finished",
+            code,
+            prompt=acc.prompt,
+            completion=acc.main,
+            probe=acc.probe,
+            forced=acc.forced,
+            duration_s=time.monotonic() - started,
+            ttft_s=None if acc.first_token_at is None else acc.first_token_at - started,
+            probe_durations=session.probes.stats.durations if session.probes is not None else (),
+        )
+    except Exception:
+        log.exception("recording metrics failed for request %s", session.ctx.request_id)

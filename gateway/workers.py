@@ -49,7 +49,7 @@ from uvicorn.supervisors import Multiprocess
 
 from gateway.http.admission import per_worker
 from gateway.http.guard import guarded_protocol
-from gateway.http.server import connection_limits
+from gateway.http.server import connection_limits, event_loop
 from gateway.settings import Settings
 
 log = logging.getLogger("stopgate")
@@ -165,7 +165,7 @@ def run_workers(settings: Settings) -> int:
             log_level=settings.log_level,
             access_log=False,
             timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
-            loop="asyncio",  # as the single process (gateway/http/server.py says why)
+            loop=event_loop(),  # as the single process
             timeout_keep_alive=settings.keep_alive_timeout_s,  # above the clients' pool expiry (the setting says why)
             server_header=False,
             timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,

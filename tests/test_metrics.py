@@ -207,9 +207,7 @@ def test_a_failing_metric_update_never_fails_the_request(gateway: Any, monkeypat
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("metrics backend broke")
 
-    from gateway import completions
-
-    monkeypatch.setattr(completions, "_observe", broken)
+    monkeypatch.setattr(Metrics, "request_done", broken)
     r = httpx.post(f"{url}/v1/completions", json={"model": "tinyreason", "prompt": "x"}, timeout=10)
     assert r.status_code == 200 and r.json()["choices"][0]["text"]
     with httpx.stream(

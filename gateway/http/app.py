@@ -27,6 +27,7 @@ from gateway.http.admin import router as admin_router
 from gateway.http.admission import Admission, per_worker
 from gateway.http.api import router
 from gateway.http.auth import build_authenticator
+from gateway.http.endpoints import CompletionsEndpoints
 from gateway.http.guard import rate_limited_exception_handler
 from gateway.http.responses import ResponsesRequest
 from gateway.http.responses import router as responses_router
@@ -102,6 +103,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
     app.include_router(router)
     app.include_router(responses_router)
     app.include_router(admin_router)
+    app.add_middleware(CompletionsEndpoints)  # the hot path, ahead of FastAPI's routing
     openapi.install(
         app, CompletionRequest, ChatCompletionRequest, ResponsesRequest, model_names=list(routes.by_model())
     )

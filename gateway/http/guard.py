@@ -29,7 +29,7 @@ Every byte is still written in order, at most one loop turn late, and closing
 the connection writes what is held first.
 
 The body's own timeout is the handler's (``body_timeout_s`` in
-``gateway/http/api.py``), which can answer in OpenAI's error format.
+``gateway/http/endpoints.py``), which can answer in OpenAI's error format.
 ``rate_limited_exception_handler`` keeps the event loop's own errors (such as
 ``accept()`` out of descriptors) to one log line per key and interval.
 """

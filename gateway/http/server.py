@@ -31,6 +31,22 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
     )
 
 
+def event_loop() -> str:
+    """uvloop where it is installed (``uvicorn[standard]``), else the stdlib loop.
+
+    Both notice every client that leaves (tests/test_faults.py runs each): the completion endpoints cancel
+    their work with ``Task.cancel`` (gateway/http/endpoints.py). An anyio cancel scope, as Starlette's
+    ``StreamingResponse`` uses, is not enough under uvloop: it skips a task whose awaited future is
+    already done, and uvloop runs I/O callbacks before the ready queue, so a task fed by a steady engine
+    stream always looked about to wake and its cancellation waited for its next request.
+    """
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 def server_config(app: Any, settings: Settings, *, host: str | None = None, port: int | None = None) -> uvicorn.Config:
     """The uvicorn config ``stopgate serve`` runs ``app`` with (``host`` and ``port`` default to the settings')."""
     limits = connection_limits(settings)
@@ -46,9 +62,7 @@ def server_config(app: Any, settings: Settings, *, host: str | None = None, port
         timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
         # Above the clients' pool expiry (see the setting): uvicorn's default of 5 s equals httpx's.
         timeout_keep_alive=settings.keep_alive_timeout_s,  # type: ignore[arg-type]  # uvicorn types it int
-        # The stdlib loop, not uvloop: under uvloop, 200 clients leaving at once went unnoticed and their
-        # engine requests ran to the end (tests/test_faults.py); under asyncio each one aborts.
-        loop="asyncio",
+        loop=event_loop(),
         # httptools with header, timeout and connection limits and one write per loop turn
         # (gateway/http/guard.py); no `server: uvicorn`.
         http=guarded_protocol(limits),

@@ -39,6 +39,11 @@ class Session(Protocol):
         """True if the EM sampler may score its answer and rerun it; else only its tokens count as live work."""
         ...
 
+    @property
+    def more_buffered(self) -> bool:
+        """The next chunk from ``chunks()`` is already in hand (the SSE relay sends a burst in one write)."""
+        ...
+
     def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         """The client's chunks, in the endpoint's format; the last carries usage and the extension.
 

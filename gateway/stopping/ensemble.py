@@ -99,6 +99,8 @@ class EnsembleGeneration:
         raw = self._extract(choice_text(body))
         return self._normalize(raw) if raw is not None else None
 
+    more_buffered = False  # one chunk, sent when every sample is drawn
+
     async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         samples: list[tuple[Generation, dict[str, Any]]] = []
         wave = self.plan.wave

@@ -13,8 +13,9 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 
@@ -140,6 +141,8 @@ class Probes:
 
     async def aclose(self) -> None:
         """Cancel every running probe and wait for each to let go of its connection."""
+        if not self._inflight:
+            return  # the usual case: nothing to cancel, so no shielded scope to pay for
         tasks, self._inflight = self._inflight, []
         for task in tasks:
             task.cancel()
@@ -150,3 +153,49 @@ class Probes:
                     await task
                 except (asyncio.CancelledError, Exception):
                     pass
+
+
+async def until_stopped(
+    stream: AsyncIterator[dict[str, Any]], stop_event: asyncio.Event, probes: Probes | None
+) -> AsyncIterator[dict[str, Any]]:
+    """The upstream chunks, ending early once ``stop_event`` is set (a probe result said stop).
+
+    While no probe is running only the stream can say stop, so it is read
+    directly; with probes in flight, each read races the stop event.
+    """
+    iterator = stream.__aiter__()
+    pending: asyncio.Future[dict[str, Any]] | None = None
+    try:
+        while not stop_event.is_set():
+            if probes is None or probes.inflight == 0:
+                if pending is None:
+                    try:
+                        yield await iterator.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    continue
+            if pending is None:
+                pending = asyncio.ensure_future(iterator.__anext__())
+            stop_wait = asyncio.ensure_future(stop_event.wait())
+            try:
+                waiters: set[asyncio.Future[Any]] = {pending, stop_wait}
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop_wait.cancel()
+            if not pending.done():
+                if stop_event.is_set():
+                    return
+                continue
+            future, pending = pending, None
+            try:
+                chunk = future.result()
+            except StopAsyncIteration:
+                return
+            yield chunk
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            # Wait for the read to let go of the stream before it is closed,
+            # even if we are being cancelled ourselves.
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait({pending})

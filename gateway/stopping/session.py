@@ -19,9 +19,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import anyio
-
-from gateway.engine.client import EngineClient
+from gateway.engine.client import ChunkSource, EngineClient
 from gateway.errors import GatewayError
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.openai.chunks import ChoiceDelta, ChunkParser, text_chunk
@@ -30,7 +28,7 @@ from gateway.openai.protocol import PATHS
 from gateway.stopping.accounting import Accounting
 from gateway.stopping.continuation import as_answer, split_suffix, token_logprobs
 from gateway.stopping.cost import COST_STOP, CostMeter, sequences
-from gateway.stopping.probes import Probes
+from gateway.stopping.probes import Probes, until_stopped
 from gateway.stopping.rendered import Continuer
 from gateway.stopping.spec import PASSTHROUGH, RequestContext, build_request_policy, resolve_stop_spec, upstream_body
 from policies.base import Action, Decision, ProbeResult, StopPolicy, TokenEvent
@@ -85,6 +83,7 @@ class Generation:
         self._probe_stopped = False  # the stop came from a probe's result (not from the stream itself)
         self._policy_error: PolicyFailed | None = None
         self._finished = False  # the engine ended the stream itself
+        self._stream: ChunkSource | None = None  # the main upstream stream, while it is read
         self.probes: Probes | None = None
         self.continuer = Continuer(
             upstream, endpoint=ctx.endpoint, request=ctx.request, route=ctx.route, request_id=ctx.request_id
@@ -186,7 +185,7 @@ class Generation:
         if self.policy is None:
             return
         phase_text = self._thinking_text if self._phase == "thinking" else self._answer_text
-        lps = token_logprobs(delta.logprobs)
+        lps = token_logprobs(delta.logprobs) if delta.logprobs is not None else None
         event = TokenEvent(
             self._phase,  # type: ignore[arg-type]
             new_text,
@@ -197,9 +196,12 @@ class Generation:
             token_choices(delta.logprobs) if self._top else None,
         )
         try:
-            self._decide(self.policy.on_tokens(event))
+            decision = self.policy.on_tokens(event)
         except Exception as exc:
             self._fail(exc)
+            return
+        if decision.action is not Action.CONTINUE:
+            self._decide(decision)
 
     @property
     def _parser_shape(self) -> bool:
@@ -221,6 +223,12 @@ class Generation:
 
     # -- the stream side --------------------------------------------------
 
+    @property
+    def more_buffered(self) -> bool:
+        """The engine's next chunk is already in hand: the next one from ``chunks()`` won't wait on it."""
+        stream = self._stream
+        return stream is not None and stream.more_buffered
+
     async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         acc = self.accounting
         usage: dict[str, Any] | None = None
@@ -229,10 +237,14 @@ class Generation:
             async with self.upstream.stream(
                 PATHS[self.ctx.endpoint], self._body, request_id=self.ctx.request_id
             ) as stream:
-                async for chunk in self._until_stopped(stream):
-                    self._remember_meta(chunk)
-                    if isinstance(chunk.get("usage"), dict):
-                        usage = chunk["usage"]
+                self._stream = stream
+                observe = self.ctx.request.n == 1 or self.policy is not None
+                async for chunk in until_stopped(stream, self._stop_event, self.probes):
+                    if not self._meta:
+                        self._remember_meta(chunk)
+                    chunk_usage = chunk.get("usage")
+                    if isinstance(chunk_usage, dict):
+                        usage = chunk_usage
                         acc.prompt = int(usage.get("prompt_tokens") or acc.prompt)
                     if not chunk.get("choices"):
                         continue  # the usage-only chunk; usage rides on our final chunk
@@ -240,7 +252,7 @@ class Generation:
                         if acc.first_token_at is None and (delta.text or delta.reasoning):
                             acc.first_token_at = time.monotonic()
                         self._charge(delta.tokens)
-                        if self.ctx.request.n == 1 or self.policy is not None:
+                        if observe:
                             self._observe(delta)
                         else:
                             acc.thinking += delta.tokens
@@ -268,6 +280,7 @@ class Generation:
                     else:
                         yield out
         finally:
+            self._stream = None
             if self.probes is not None:
                 await self.probes.aclose()
         if self._policy_error is not None:
@@ -310,49 +323,6 @@ class Generation:
             usage_chunk["choices"] = []
             usage_chunk["usage"] = final["usage"]
             yield usage_chunk
-
-    async def _until_stopped(self, stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-        """The upstream chunks, ending early if a probe result says stop.
-
-        While no probe is running only the stream can say stop, so it is read
-        directly; with probes in flight, each read races the stop event.
-        """
-        iterator = stream.__aiter__()
-        pending: asyncio.Future[dict[str, Any]] | None = None
-        try:
-            while not self._stop_event.is_set():
-                if self.probes is None or self.probes.inflight == 0:
-                    if pending is None:
-                        try:
-                            yield await iterator.__anext__()
-                        except StopAsyncIteration:
-                            return
-                        continue
-                if pending is None:
-                    pending = asyncio.ensure_future(iterator.__anext__())
-                stop_wait = asyncio.ensure_future(self._stop_event.wait())
-                try:
-                    waiters: set[asyncio.Future[Any]] = {pending, stop_wait}
-                    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    stop_wait.cancel()
-                if not pending.done():
-                    if self._stop_event.is_set():
-                        return
-                    continue
-                future, pending = pending, None
-                try:
-                    chunk = future.result()
-                except StopAsyncIteration:
-                    return
-                yield chunk
-        finally:
-            if pending is not None and not pending.done():
-                pending.cancel()
-                # Wait for the read to let go of the stream before it is closed,
-                # even if we are being cancelled ourselves.
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait({pending})
 
     async def _forced_answer(self) -> AsyncIterator[dict[str, Any]]:
         """Close the reasoning and let the model write its answer (a short continuation)."""
@@ -471,18 +441,24 @@ class Generation:
             self._meta = {k: chunk[k] for k in ("id", "object", "created") if k in chunk}
 
     def _client_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
-        """The chunk as the client sees it: its own model name; per-chunk usage only if it asked."""
-        out = dict(chunk)
-        out["model"] = self.ctx.request.model
-        opts = self.ctx.request.stream_options
-        if "usage" in out and not (opts is not None and opts.continuous_usage_stats):
-            del out["usage"]
-        out["choices"] = [dict(c) for c in chunk.get("choices") or []]
+        """The chunk as the client sees it: its own model name; per-chunk usage only if it asked.
+
+        Edits the chunk in place: it is freshly parsed from the engine's stream and
+        nothing else holds it (the usage dict it carried is kept by reference).
+        """
+        chunk["model"] = self.ctx.request.model
+        if "usage" in chunk:
+            opts = self.ctx.request.stream_options
+            if not (opts is not None and opts.continuous_usage_stats):
+                del chunk["usage"]
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            chunk["choices"] = choices = []
         if self._top:
             asked = self._client_top
-            for choice in out["choices"]:
+            for choice in choices:
                 choice["logprobs"] = None if asked is None else trim(choice.get("logprobs"), asked)
-        return out
+        return chunk
 
     def _text_chunk(self, text: str, *, finish_reason: str | None = None, field: str = "content") -> dict[str, Any]:
         """A chunk the gateway writes itself, joined to the upstream stream (chat: in ``field`` of the delta)."""
