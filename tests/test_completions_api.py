@@ -37,10 +37,13 @@ def test_the_openapi_schema_still_describes_both_completion_bodies(gateway: Any)
 
 
 def test_a_trailing_slash_still_reaches_the_endpoint(gateway: Any) -> None:
+    """FastAPI redirects from the head, while httpx is still sending the body: a CI run lost that redirect to a
+    reset (46 of 300 such requests did before the server's lingering close; ``tests/test_http_server.py``)."""
     url, _, _ = gateway
-    body = {"model": "tinyreason", "prompt": "x"}
-    r = httpx.post(f"{url}/v1/completions/", json=body, follow_redirects=True, timeout=10)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"]
+    body = {"model": "tinyreason", "prompt": "x" * 20_000}
+    for _ in range(20):
+        r = httpx.post(f"{url}/v1/completions/", json=body, follow_redirects=True, timeout=10)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"]
 
 
 def _app(upstream: str, **overrides: Any) -> Any:

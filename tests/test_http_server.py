@@ -4,7 +4,9 @@ keep-alive connections outlive the clients' pool expiry (issue 15)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from typing import Any
 import httpx
 
 from gateway.engine.embedded import free_port
-from gateway.http.guard import _Coalescing
+from gateway.http.guard import ConnectionLimits, _Coalescing
 from gateway.http.server import serve_in_thread, server_config
 from gateway.settings import Settings
 
@@ -193,3 +195,80 @@ def test_stopgate_serve_keeps_an_idle_connection_past_the_httpx_pool_expiry(fake
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# -- answered before the body arrived: the client must still read the answer ---------------------------------
+
+
+def _answer_before_the_body(url: str, *, body_bytes: int = 1024 * 1024) -> bytes:
+    """POST announcing ``body_bytes``, sent right after the head as httpx sends it; return all read up to EOF.
+
+    A server that answers from the head alone (a redirect, 401, 413, 429) has the body still arriving when it
+    answers. Closing a socket with unread bytes, or one that is still sent some, answers with a reset, and the
+    reset makes the client's kernel drop the answer it had not read yet: ``Connection reset by peer`` instead
+    of the response (a CI run: ``POST /v1/completions/``, whose redirect FastAPI sends from the head).
+    """
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % body_bytes)
+        try:
+            sock.sendall(b"x" * body_bytes)
+        except OSError:
+            pass  # the server stopped reading: what it answered is read below
+        time.sleep(0.05)
+        data = b""
+        try:
+            while piece := sock.recv(65536):
+                data += piece
+        except ConnectionResetError:
+            return data + b"<reset>"
+        return data
+
+
+async def _early_app(scope: Any, receive: Any, send: Any) -> None:
+    """Answers ``401`` from the head, never reading the body."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"4")]})
+    await send({"type": "http.response.body", "body": b"nope"})
+
+
+def test_an_answer_sent_before_the_body_arrived_is_read_whole_and_closes_the_connection() -> None:
+    with serve_in_thread(_early_app) as url:
+        answers = [_answer_before_the_body(url) for _ in range(10)]  # a reset lost 19 answers in 20 before
+    for data in answers:
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401") and body == b"nope", data
+        assert b"connection: close" in head.lower()  # the client knows not to send another request on it
+
+
+def test_a_client_that_keeps_sending_after_the_answer_is_cut_off_after_the_linger_time() -> None:
+    """The lingering close is bounded: a body that never ends holds the connection ``linger_s``, not forever."""
+    linger_s = ConnectionLimits().linger_s
+    with serve_in_thread(_early_app) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /early HTTP/1.1\r\nhost: x\r\ncontent-length: 1000000000\r\n\r\n")
+            started = time.monotonic()
+            answer = b""
+            with contextlib.suppress(OSError):  # cut off: a reset while sending
+                while time.monotonic() - started < linger_s + 8:
+                    sock.sendall(b"x" * 4096)
+                    readable, _, _ = select.select([sock], [], [], 0.02)
+                    if readable:
+                        piece = sock.recv(65536)
+                        if not piece:
+                            break  # EOF: we ended our side; the client may still send until linger_s
+                        answer += piece
+                while True:  # after the FIN, sending goes on until the server closes at linger_s
+                    sock.sendall(b"x" * 4096)
+                    time.sleep(0.02)
+                    if time.monotonic() - started > linger_s + 8:
+                        break
+            held = time.monotonic() - started
+    assert answer.startswith(b"HTTP/1.1 401") and answer.endswith(b"nope"), answer
+    assert held < linger_s + 8, held
