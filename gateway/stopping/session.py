@@ -239,7 +239,10 @@ class Generation:
             ) as stream:
                 self._stream = stream
                 observe = self.ctx.request.n == 1 or self.policy is not None
-                async for chunk in until_stopped(stream, self._stop_event, self.probes):
+                # Without probes only this loop sets the stop event, and it leaves at once when it does: the
+                # stream is read directly, one async generator fewer per chunk.
+                chunks = stream if self.probes is None else until_stopped(stream, self._stop_event, self.probes)
+                async for chunk in chunks:
                     if not self._meta:
                         self._remember_meta(chunk)
                     chunk_usage = chunk.get("usage")
