@@ -70,14 +70,17 @@ def test_canaries_flow_and_the_budget_follows_the_target(controlled_gateway: str
         assert r.status_code == 200
 
     # At 64 thinking tokens the bundled model's EM is about 0.66 (models/tinyreason/eval.json).
-    admin(url, "PUT", "/budget", budget=64)
+    # The target first, then the budget: canaries keep flowing, and a controller step that runs between the two
+    # calls must already use the new target (a CI run stepped 64 -> 68 with the old target 0.95 after the budget
+    # was reset for the 0.4 phase).
     admin(url, "PUT", "/target", target=0.95)
+    admin(url, "PUT", "/budget", budget=64)
     raised = wait_for(lambda s: s["budget"] != 64, url, timeout_s=120)
     assert raised["samples"]["canary"] >= 5
     assert raised["budget"] > 64, raised  # EM below a raised target: loosen
 
-    admin(url, "PUT", "/budget", budget=64)
     admin(url, "PUT", "/target", target=0.4)
+    admin(url, "PUT", "/budget", budget=64)
     lowered = wait_for(lambda s: s["budget"] != 64, url, timeout_s=120)
     assert lowered["budget"] < 64, lowered  # EM well above a lowered target: tighten
     assert lowered["samples"]["canary"] > raised["samples"]["canary"]

@@ -250,21 +250,31 @@ def test_bundled_model_scores_em_of_at_least_0_9_on_100_test_items(vllm_engine: 
     items = list(load_reference_file("references/arith-test.jsonl"))[:100]
     extract, normalize = get_extractor("gsm8k"), get_normalizer("number")
 
+    dropped: list[str] = []
+
     async def run() -> list[float]:
         gate = asyncio.Semaphore(16)
-        # Idle connections expire before vLLM's uvicorn closes them (5 s), as the gateway's engine client's do:
-        # at httpx's default 5 s both close at once, and a request sent on such a connection gets a ReadError.
-        limits = httpx.Limits(keepalive_expiry=4.0)
+        # This test measures the model, not the connection. Two CI runs lost one of these 100 requests to an
+        # httpx.ReadError while waiting for vLLM's response headers (the connection closed under it; with idle
+        # connections expiring at 4 s, below vLLM's 5 s keep-alive, too). Not reproduced here, cause unknown. So
+        # each request gets a connection of its own and, if the connection drops, one more try; more than two
+        # drops in 100 still fail the test.
+        limits = httpx.Limits(max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=vllm_engine.url, timeout=120, limits=limits) as client:
 
             async def one(prompt: str, golds: tuple[str, ...]) -> float:
+                body = {"model": "tinyreason", "prompt": prompt, "temperature": 0, "max_tokens": 400}
                 async with gate:
-                    body = {"model": "tinyreason", "prompt": prompt, "temperature": 0, "max_tokens": 400}
-                    r = await client.post("/v1/completions", json=body)
+                    try:
+                        r = await client.post("/v1/completions", json=body)
+                    except httpx.TransportError as exc:
+                        dropped.append(repr(exc))
+                        r = await client.post("/v1/completions", json=body)
                 text = r.json()["choices"][0]["text"]
                 return exact_match(text, golds, extractor=extract, normalizer=normalize)
 
             return await asyncio.gather(*(one(it.prompt or "", tuple(it.answers)) for it in items))
 
     scores = asyncio.run(run())
+    assert len(dropped) <= 2, dropped
     assert sum(scores) / len(scores) >= 0.9
