@@ -37,7 +37,6 @@ _MAX_ERROR_BODY = 64 * 1024
 # What httpx's ``json=`` sends, built once: ``json.dumps`` with arguments builds an encoder per call.
 _encode_body = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _JSON_TYPE = "application/json"
-_JSON_AND_SSE = "application/json, text/event-stream"
 
 log = logging.getLogger("stopgate.upstream")
 
@@ -141,6 +140,11 @@ class Upstream:
     ) -> None:
         """``transport`` names the HTTP stack under httpx (``"aiohttp"`` or ``"httpx"``), or is one (a fake)."""
         self.base_url = base_url
+        # Idle connections are dropped before the engine's uvicorn drops them (its keep-alive is 5 s, as is
+        # httpx's default): reusing one it has just closed is a ReadError (a 503) on a request that never ran.
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=4.0
+        )
         self.client = httpx.AsyncClient(
             base_url=base_url,
             # The read timeout is per gap between bytes, so it must cover the
@@ -150,10 +154,9 @@ class Upstream:
             # read -> sock_read (per gap, as here), pool -> connect (the wait for a connection plus connecting);
             # aiohttp has no write timeout, and the request bodies are small.
             timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=read_timeout_s),
-            transport=_transport(transport, _limits(max_connections)),
+            limits=limits,
+            transport=_transport(transport, limits),
         )
-        self._timeouts = self.client.timeout.as_dict()
-        self._urls: dict[str, httpx.URL] = {}
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -168,17 +171,9 @@ class Upstream:
         caller can still answer with a proper HTTP status. A stream that runs
         past ``total_timeout_s`` (from now) ends with ``UpstreamTimeout``.
         """
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = self.client.build_request("POST", path).url  # the client's own URL merge
-        headers = {"content-type": _JSON_TYPE, "accept": _JSON_AND_SSE, "x-request-id": request_id}
-        content = _encode_body(body).encode()
-        request = httpx.Request("POST", url, content=content, headers=headers, extensions={"timeout": self._timeouts})
+        headers = {"content-type": _JSON_TYPE, "x-request-id": request_id}
+        request = self.client.build_request("POST", path, content=_encode_body(body).encode(), headers=headers)
         try:
-            # The request is built here, not by ``client.build_request`` (its URL merge and header merging were
-            # 7.6% of a worker's CPU at one token per answer, py-spy). Calling the transport directly as well,
-            # skipping the client's send, saved more, but then 3 runs in 7 of the thousand-streams fault test
-            # under httpx's own transport ended in ConnectTimeouts (0 in 7 through the client); cause not found.
             response = await self.client.send(request, stream=True)
         except TRANSPORT_ERRORS as exc:
             raise translate(exc) from exc
@@ -232,20 +227,14 @@ class Upstream:
             raise UpstreamError(f"POST {path} returned invalid JSON.") from exc
 
 
-def _limits(max_connections: int) -> httpx.Limits:
-    # Idle connections are dropped before the engine's uvicorn drops them (its keep-alive is 5 s, as is
-    # httpx's default): reusing one it has just closed is a ReadError (a 503) on a request that never ran.
-    return httpx.Limits(
-        max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=4.0
-    )
-
-
-def _transport(kind: httpx.AsyncBaseTransport | EngineTransport, limits: httpx.Limits) -> httpx.AsyncBaseTransport:
-    """The transport under the client: aiohttp's, httpx's own, or one given (a test's fake)."""
+def _transport(
+    kind: httpx.AsyncBaseTransport | EngineTransport, limits: httpx.Limits
+) -> httpx.AsyncBaseTransport | None:
+    """The transport under the client: aiohttp's, httpx's own (None), or one given (a test's fake)."""
     if not isinstance(kind, str):
         return kind
     # aiohttp's TCPConnector takes the same limits: at most max_connections, idle ones closed after 4 s.
-    return AiohttpTransport(limits=limits) if kind == "aiohttp" else httpx.AsyncHTTPTransport(limits=limits)
+    return AiohttpTransport(limits=limits) if kind == "aiohttp" else None
 
 
 async def _read_bounded(response: httpx.Response) -> bytes:

@@ -239,10 +239,7 @@ class Generation:
             ) as stream:
                 self._stream = stream
                 observe = self.ctx.request.n == 1 or self.policy is not None
-                # Without probes only this loop sets the stop event, and it leaves at once when it does: the
-                # stream is read directly, one async generator fewer per chunk.
-                chunks = stream if self.probes is None else until_stopped(stream, self._stop_event, self.probes)
-                async for chunk in chunks:
+                async for chunk in until_stopped(stream, self._stop_event, self.probes):
                     if not self._meta:
                         self._remember_meta(chunk)
                     chunk_usage = chunk.get("usage")
