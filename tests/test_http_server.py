@@ -109,14 +109,20 @@ def test_nothing_held_is_written_to_a_transport_that_is_already_closing() -> Non
     assert asyncio.run(main()).writes == []
 
 
+async def _lifespan(receive: Any, send: Any) -> None:
+    """Complete startup and shutdown, for the bare ASGI apps these tests serve."""
+    while True:
+        message = await receive()
+        await send({"type": message["type"] + ".complete"})
+        if message["type"] == "lifespan.shutdown":
+            return
+
+
 def test_served_responses_are_whole_json_and_streams_under_the_protocol() -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
+            await _lifespan(receive, send)
+            return
         if scope["path"] == "/json":
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
             await send({"type": "http.response.body", "body": b"ok"})
@@ -228,11 +234,8 @@ def _answer_before_the_body(url: str, *, body_bytes: int = 1024 * 1024) -> bytes
 async def _early_app(scope: Any, receive: Any, send: Any) -> None:
     """Answers ``401`` from the head, never reading the body."""
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
+        await _lifespan(receive, send)
+        return
     await send({"type": "http.response.start", "status": 401, "headers": [(b"content-length", b"4")]})
     await send({"type": "http.response.body", "body": b"nope"})
 
