@@ -4,11 +4,15 @@
 ``async with`` block closes the connection, and vLLM aborts the request. That
 is how both a client disconnect and an early stop free the engine.
 
-Under httpx's API the bytes travel over aiohttp's HTTP/1.1 stack
-(``httpx_aiohttp.AiohttpTransport``, the transport the OpenAI SDK offers) by
-default, or over httpx's own (``transport="httpx"``). The aiohttp one costs
-about a third of the client CPU per streamed request (``loadtest/transport.py``).
-Errors from either are mapped onto the gateway's exception tree in ``translate``.
+By default the bytes travel over aiohttp's HTTP/1.1 stack: the streams, which
+carry all the traffic, go through aiohttp's ``ClientSession`` directly, and the
+small JSON calls through httpx over that same session
+(``httpx_aiohttp.AiohttpTransport``, the transport the OpenAI SDK offers).
+``transport="httpx"`` puts everything on httpx's own stack. httpx's request
+building and response wrapping cost a fifth of a gateway worker's CPU per
+one-token request, which is why the hot path skips them (README, "engine
+client"). Errors from either stack are mapped onto the gateway's exception
+tree in ``translate``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal, Protocol
 
@@ -24,6 +28,7 @@ import aiohttp
 import anyio
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from yarl import URL
 
 from gateway.errors import (
     UpstreamError,
@@ -138,54 +143,108 @@ class Upstream:
         max_connections: int = 512,
         transport: httpx.AsyncBaseTransport | EngineTransport = "aiohttp",
     ) -> None:
-        """``transport`` names the HTTP stack under httpx (``"aiohttp"`` or ``"httpx"``), or is one (a fake)."""
+        """``transport`` names the HTTP stack (``"aiohttp"`` or ``"httpx"``), or is an httpx transport (a fake)."""
         self.base_url = base_url
+        self._max_connections = max_connections
+        # The read timeout is per gap between bytes, so it must cover the engine's time to first token under
+        # load; httpx's 5 s default won't. Waiting for a free connection is waiting for the engine too: it gets
+        # the read timeout. aiohttp's names for the same: sock_connect, sock_read, and connect (the wait for a
+        # pooled connection plus connecting). aiohttp has no write timeout, and the request bodies are small.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, connect=read_timeout_s, sock_connect=connect_timeout_s, sock_read=read_timeout_s
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
         # Idle connections are dropped before the engine's uvicorn drops them (its keep-alive is 5 s, as is
         # httpx's default): reusing one it has just closed is a ReadError (a 503) on a request that never ran.
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections, keepalive_expiry=4.0
         )
+        self._direct = transport == "aiohttp"  # streams on aiohttp's ClientSession, not through httpx
+        under: httpx.AsyncBaseTransport | None
+        if self._direct:
+            under = AiohttpTransport(limits=limits, client=self._aiohttp)  # shares the streams' connection pool
+        else:
+            under = None if isinstance(transport, str) else transport  # httpx's own, or a test's fake
         self.client = httpx.AsyncClient(
             base_url=base_url,
-            # The read timeout is per gap between bytes, so it must cover the
-            # engine's time to first token under load; httpx's 5 s default won't.
-            # Waiting for a free connection is waiting for the engine too: it gets the read timeout.
-            # AiohttpTransport maps these per request onto aiohttp's ClientTimeout: connect -> sock_connect,
-            # read -> sock_read (per gap, as here), pool -> connect (the wait for a connection plus connecting);
-            # aiohttp has no write timeout, and the request bodies are small.
             timeout=httpx.Timeout(connect=connect_timeout_s, read=read_timeout_s, write=10.0, pool=read_timeout_s),
             limits=limits,
-            transport=_transport(transport, limits),
+            transport=under,
         )
+
+    def _aiohttp(self) -> aiohttp.ClientSession:
+        """The aiohttp session, made on first use (it needs the running loop): at most ``max_connections``,
+        idle ones closed after 4 s, no cookies (engines set none)."""
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=4.0),
+                timeout=self._timeout,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
-    @asynccontextmanager
-    async def stream(
+    def stream(
         self, path: str, body: dict[str, Any], *, request_id: str, total_timeout_s: float | None = None
-    ) -> AsyncIterator[ChunkStream]:
+    ) -> AbstractAsyncContextManager[ChunkStream]:
         """POST a streaming request; yield an iterator of its JSON chunks.
 
         Raises before yielding if the engine refuses the request, so the
         caller can still answer with a proper HTTP status. A stream that runs
         past ``total_timeout_s`` (from now) ends with ``UpstreamTimeout``.
         """
+        payload = _encode_body(body).encode()
+        deadline = None if total_timeout_s is None else time.monotonic() + total_timeout_s
+        if self._direct:
+            return self._stream_aiohttp(path, payload, request_id, deadline, total_timeout_s)
+        return self._stream_httpx(path, payload, request_id, deadline, total_timeout_s)
+
+    @asynccontextmanager
+    async def _stream_aiohttp(
+        self, path: str, payload: bytes, request_id: str, deadline: float | None, total_timeout_s: float | None
+    ) -> AsyncIterator[ChunkStream]:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.base_url.rstrip("/") + path)
         headers = {"content-type": _JSON_TYPE, "x-request-id": request_id}
-        request = self.client.build_request("POST", path, content=_encode_body(body).encode(), headers=headers)
+        try:
+            response = await self._aiohttp().post(url, data=payload, headers=headers)
+        except TRANSPORT_ERRORS as exc:
+            raise translate(exc) from exc
+        try:
+            if response.status >= 400:
+                _raise_for_status(response.status, await _read_bounded(response.content.read))
+            yield ChunkStream(response.content.readany, deadline, total_timeout_s)
+        except _STREAM_ERRORS as exc:
+            raise translate(exc) from exc
+        finally:
+            # Closing unfinished is what makes the engine abort; a body read to its end keeps its connection.
+            # Neither awaits, so a cancelled caller (a client that left) closes it too.
+            if response.content.is_eof():
+                response.release()
+            else:
+                response.close()
+
+    @asynccontextmanager
+    async def _stream_httpx(
+        self, path: str, payload: bytes, request_id: str, deadline: float | None, total_timeout_s: float | None
+    ) -> AsyncIterator[ChunkStream]:
+        headers = {"content-type": _JSON_TYPE, "x-request-id": request_id}
+        request = self.client.build_request("POST", path, content=payload, headers=headers)
         try:
             response = await self.client.send(request, stream=True)
         except TRANSPORT_ERRORS as exc:
             raise translate(exc) from exc
+        pieces = response.aiter_bytes()
         try:
             if response.status_code >= 400:
-                raw = await _read_bounded(response)
-                message, param = _error_message(response.status_code, raw)
-                if response.status_code < 500:
-                    raise UpstreamRejected(response.status_code, message, param=param)
-                raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
-            deadline = None if total_timeout_s is None else time.monotonic() + total_timeout_s
-            yield ChunkStream(response, deadline, total_timeout_s)
+                _raise_for_status(response.status_code, await _read_bounded(lambda _n: anext(pieces, b"")))
+            yield ChunkStream(lambda: anext(pieces, b""), deadline, total_timeout_s)
         except _STREAM_ERRORS as exc:
             raise translate(exc) from exc
         finally:
@@ -217,32 +276,29 @@ class Upstream:
         except TRANSPORT_ERRORS as exc:
             raise translate(exc) from exc
         if response.status_code >= 400:
-            message, param = _error_message(response.status_code, response.content[:_MAX_ERROR_BODY])
-            if response.status_code < 500:
-                raise UpstreamRejected(response.status_code, message, param=param)
-            raise UpstreamError(f"The upstream engine failed (HTTP {response.status_code}): {message}")
+            _raise_for_status(response.status_code, response.content[:_MAX_ERROR_BODY])
         try:
             return response.json()
         except ValueError as exc:
             raise UpstreamError(f"POST {path} returned invalid JSON.") from exc
 
 
-def _transport(
-    kind: httpx.AsyncBaseTransport | EngineTransport, limits: httpx.Limits
-) -> httpx.AsyncBaseTransport | None:
-    """The transport under the client: aiohttp's, httpx's own (None), or one given (a test's fake)."""
-    if not isinstance(kind, str):
-        return kind
-    # aiohttp's TCPConnector takes the same limits: at most max_connections, idle ones closed after 4 s.
-    return AiohttpTransport(limits=limits) if kind == "aiohttp" else None
+def _raise_for_status(status: int, raw: bytes) -> None:
+    """An engine's error answer as the gateway's error: a 4xx is the request's fault, a 5xx the engine's."""
+    message, param = _error_message(status, raw)
+    if status < 500:
+        raise UpstreamRejected(status, message, param=param)
+    raise UpstreamError(f"The upstream engine failed (HTTP {status}): {message}")
 
 
-async def _read_bounded(response: httpx.Response) -> bytes:
+async def _read_bounded(read: Callable[[int], Awaitable[bytes]]) -> bytes:
+    """An error body, at most ``_MAX_ERROR_BODY`` bytes of it (``read(n)`` returns b"" at its end)."""
     data = b""
-    async for piece in response.aiter_bytes():
-        data += piece
-        if len(data) >= _MAX_ERROR_BODY:
+    while len(data) < _MAX_ERROR_BODY:
+        piece = await read(_MAX_ERROR_BODY - len(data))
+        if not piece:
             break
+        data += piece
     return data[:_MAX_ERROR_BODY]
 
 
@@ -253,20 +309,24 @@ RESPONSE_END_EVENTS = frozenset({"response.completed", "response.incomplete", "r
 class ChunkStream:
     """The engine's SSE stream as JSON chunks (iterate it with ``async for``).
 
-    Reads httpx's raw body pieces and decodes the events as bytes (no text
-    decoding of the whole stream, no per-line buffers). ``more_buffered`` is
+    Reads the body's pieces (``read()`` returns whatever has arrived, b"" at the
+    end) and decodes the events as bytes (no text decoding of the whole
+    stream, no per-line buffers). ``more_buffered`` is
     True when the next chunk is already decoded from bytes in hand, so taking
     it will not wait on the engine: the SSE relay uses it to send a burst of
     chunks in one write.
     """
 
     def __init__(
-        self, response: httpx.Response, deadline: float | None = None, total_timeout_s: float | None = None
+        self,
+        read: Callable[[], Awaitable[bytes]],
+        deadline: float | None = None,
+        total_timeout_s: float | None = None,
     ) -> None:
         self.more_buffered = False
         self._deadline = deadline
         self._total_timeout_s = total_timeout_s
-        self._chunks = self._iterate(response)
+        self._chunks = self._iterate(read)
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._chunks
@@ -274,14 +334,13 @@ class ChunkStream:
     def __anext__(self) -> Awaitable[dict[str, Any]]:  # an AsyncIterator too, for code typed with one
         return self._chunks.__anext__()
 
-    async def _iterate(self, response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    async def _iterate(self, read: Callable[[], Awaitable[bytes]]) -> AsyncIterator[dict[str, Any]]:
         decoder = SSEDecoder()
         done = False
         deadline = self._deadline
-        pieces = response.aiter_bytes()
         try:
             while True:
-                piece = await anext(pieces, b"")
+                piece = await read()
                 if deadline is not None and time.monotonic() > deadline:
                     raise UpstreamTimeout(
                         f"The upstream stream ran past the total timeout of {self._total_timeout_s:g} s."
