@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.evaluation import exact_match, extract_gsm8k, normalize_number, normalize_text
 from gateway.evaluation.matching import normalize_prompt, prompt_key
-from gateway.openai.sse import SSEDecoder, encode
+from gateway.openai.sse import SSEDecoder, encode, loads
 from policies.base import Action, ProbeResult, TokenEvent
 from policies.registry import build_policy
 
@@ -65,13 +65,25 @@ def test_sse_decoder_never_raises_on_arbitrary_text(text: str, data: st.DataObje
 
 @FAST
 @given(payload=st.dictionaries(st.text(max_size=10), json_values, max_size=4))
-def test_sse_encoding_writes_what_json_dumps_writes(payload: dict[str, Any]) -> None:
-    assert encode(payload) == f"data: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+def test_sse_encoding_writes_one_compact_json_event_that_reads_back(payload: dict[str, Any]) -> None:
+    event = encode(payload)
+    assert event.startswith(b"data: ") and event.endswith(b"\n\n") and b"\n" not in event[:-2]
+    assert json.loads(event[6:-2]) == payload
+    assert event[6:-2] == json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def test_sse_encoding_refuses_what_json_cannot_write() -> None:
-    with pytest.raises(TypeError, match="set is not JSON serializable"):
-        encode({"x": {1}})
+def test_sse_encoding_refuses_what_json_cannot_write_and_escapes_a_lone_surrogate() -> None:
+    with pytest.raises(TypeError):
+        encode({"x": object()})
+    assert encode({"x": "a\ud800"}) == b'data: {"x":"a\\ud800"}\n\n'
+
+
+def test_sse_payloads_that_only_pythons_json_reads_are_still_read() -> None:
+    assert loads(b'{"lp":-Infinity,"x":NaN}')["lp"] == float("-inf")
+    assert loads(b' {"a":1} ') == {"a": 1}
+    for bad in (b'{"a":1} x', b"\xff", b"{"):
+        with pytest.raises(ValueError):
+            loads(bad)
 
 
 @FAST

@@ -13,11 +13,11 @@ slice per event, with no per-line buffer copies.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
-from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import msgspec
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -83,52 +83,37 @@ def _event_data(block: bytes) -> bytes | None:
     return b"\n".join(data) if data else None
 
 
-def _unserialisable(obj: Any) -> Any:
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
-
-
-def _make_json_encoder() -> Callable[[Any], str]:
-    """Compact JSON (``ensure_ascii``), as ``json.dumps(..., separators=(",", ":"))`` writes it.
-
-    ``JSONEncoder.encode`` builds a C encoder on every call; this builds it once.
-    No circular-reference check: chunks are trees of plain values.
-    """
-    if c_make_encoder is None:  # no C accelerator (not CPython)
-        return json.JSONEncoder(separators=(",", ":")).encode
-    iterencode = c_make_encoder(None, _unserialisable, encode_basestring_ascii, None, ":", ",", False, False, True)
-
-    def encode_json(obj: Any) -> str:
-        return "".join(iterencode(obj, 0))
-
-    return encode_json
-
-
-_encode_json = _make_json_encoder()
-_decoder = json.JSONDecoder()
+# msgspec's C JSON codec: per chunk, decoding and encoding took 5.2 us with the standard library's C
+# accelerator (called without json.dumps/loads' per-call overhead) and 1.3 us with msgspec (one chunk of
+# /v1/completions, in-process timeit). It writes UTF-8 rather than \u escapes, as vLLM's own SSE does.
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+# What msgspec won't write (a lone surrogate in a string), the standard library writes with \u escapes.
+_encode_ascii = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
 def encode(payload: dict[str, Any] | str) -> bytes:
-    """One SSE event: ``data: <json>`` and a blank line."""
-    body = payload if isinstance(payload, str) else _encode_json(payload)
-    return b"data: " + body.encode() + b"\n\n"
+    """One SSE event: ``data: <json>`` and a blank line. Raises ``TypeError`` for what JSON cannot hold."""
+    if isinstance(payload, str):
+        body = payload.encode()
+    else:
+        try:
+            body = _encode(payload)
+        except UnicodeEncodeError:
+            body = _encode_ascii(payload).encode()
+    return b"data: " + body + b"\n\n"
 
 
 def loads(data: bytes) -> Any:
-    """``json.loads`` for one event's payload, minus its per-call overhead for bytes.
+    """One event's JSON payload. Raises ``ValueError`` on bad input.
 
-    ``json.loads(bytes)`` sniffs the encoding and runs two regex matches for
-    whitespace; engine payloads are UTF-8 JSON with no surrounding whitespace,
-    so the C scanner is called directly, and anything else takes the slow path.
-    Raises ``ValueError`` (``UnicodeDecodeError`` or ``JSONDecodeError``) on bad input.
+    What msgspec refuses and the standard library reads (``NaN``, ``Infinity``, an escaped lone surrogate,
+    as Python-built engines may write) is read by the latter, which also words the error for what neither reads.
     """
-    text = data.decode()
     try:
-        value, end = _decoder.raw_decode(text)
-    except json.JSONDecodeError:
-        return json.loads(text)  # leading whitespace, or really malformed: let json say which
-    if end != len(text):
-        return json.loads(text)  # trailing whitespace is fine, anything else raises
-    return value
+        return _decode(data)
+    except msgspec.DecodeError:
+        return json.loads(data)
 
 
 DONE_EVENT = encode(DONE.decode())
