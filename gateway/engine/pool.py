@@ -112,6 +112,9 @@ class UpstreamPool:
 
     async def _pick(self, tried: set[int]) -> Replica:
         """The least-loaded replica whose breaker lets traffic through (probing one that is due)."""
+        if len(self.replicas) == 1 and not tried and not self.replicas[0].breaker.is_open:
+            tried.add(0)
+            return self.replicas[0]  # one engine, healthy: nothing to choose
         candidates = sorted(
             (i for i in range(len(self.replicas)) if i not in tried), key=lambda i: self.replicas[i].in_flight
         )

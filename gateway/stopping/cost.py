@@ -21,7 +21,7 @@ COST_STOP = "cost_limit"
 
 def sequences(request: CompletionRequest | ChatCompletionRequest) -> int:
     """How many sequences the engine generates for the request: ``n`` (or ``best_of``) for each prompt of a batch."""
-    best_of = getattr(request, "best_of", None)
+    best_of = (request.model_extra or {}).get("best_of")  # a passthrough field; getattr on a model raises inside
     per_prompt = max(request.n, best_of if isinstance(best_of, int) and not isinstance(best_of, bool) else 1)
     return per_prompt * prompt_count(request)
 

@@ -38,6 +38,14 @@ from policies.base import Action, Decision, ProbeResult, StopPolicy, TokenEvent
 TAIL_CHARS = 2048
 
 
+def _finish_in(choices: list[dict[str, Any]]) -> bool:
+    """Some choice of the chunk carries a ``finish_reason`` (a loop: this runs for every chunk)."""
+    for choice in choices:
+        if choice.get("finish_reason"):
+            return True
+    return False
+
+
 class PolicyFailed(GatewayError):
     """A policy raised at run time: the request ends with this error, the gateway goes on."""
 
@@ -257,11 +265,14 @@ class Generation:
                         else:
                             acc.thinking += delta.tokens
                     out = self._client_chunk(chunk)
-                    if acc.main >= self._length_limit and not any(c.get("finish_reason") for c in out["choices"]):
+                    at_limit = acc.thinking + acc.answer >= self._length_limit
+                    finished = _finish_in(out["choices"])
+                    if at_limit and not finished:
                         # The engine ignored max_tokens: the gateway ends the sequence itself, as the engine should.
                         for choice in out["choices"]:
                             choice["finish_reason"] = "length"
-                    self._finished = self._finished or any(c.get("finish_reason") for c in out["choices"])
+                        finished = True
+                    self._finished = self._finished or finished
                     if held is not None:
                         yield held
                         held = None
@@ -273,9 +284,9 @@ class Generation:
                     if self._stop_event.is_set():
                         held = out
                         break  # leaving the block closes the upstream stream: the engine aborts
-                    if any(c.get("finish_reason") for c in out["choices"]):
+                    if finished:
                         held = out
-                        if acc.main >= self._length_limit:
+                        if at_limit:
                             break  # leaving the block closes the stream of an engine that would go on
                     else:
                         yield out
