@@ -68,18 +68,23 @@ def test_a_head_alone_goes_out_one_loop_turn_later() -> None:
     assert before == [] and after == [HEAD]
 
 
-def test_the_writes_of_one_loop_turn_go_out_in_one_write_in_order() -> None:
-    async def main() -> list[bytes]:
+def test_a_head_and_what_follows_it_in_its_turn_go_out_in_one_write_and_later_writes_go_straight_out() -> None:
+    async def main() -> list[list[bytes]]:
         real = Recorder()
         transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
-        for piece in (b"a", b"b", b"c"):
+        seen = []
+        for piece in (HEAD, b"a", b"b"):
             transport.write(piece)
+        seen.append(list(real.writes))
         await asyncio.sleep(0)
+        seen.append(list(real.writes))
+        transport.write(b"c")  # an SSE burst: nothing is held, so it is not deferred to the end of the turn
         transport.write(b"d")
-        await asyncio.sleep(0)
-        return real.writes
+        seen.append(list(real.writes))
+        return seen
 
-    assert asyncio.run(main()) == [b"abc", b"d"]
+    held, flushed, direct = asyncio.run(main())
+    assert held == [] and flushed == [HEAD + b"ab"] and direct == [HEAD + b"ab", b"c", b"d"]
 
 
 def test_closing_writes_what_is_held_first_and_other_calls_reach_the_real_transport() -> None:
@@ -87,23 +92,24 @@ def test_closing_writes_what_is_held_first_and_other_calls_reach_the_real_transp
         real = Recorder()
         transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
         assert transport.get_extra_info("peername") == "extra:peername"
-        transport.write(b"body bytes ")
         transport.write(HEAD)
+        transport.write(b"body bytes")
         transport.close()
         await asyncio.sleep(0)  # the scheduled flush finds nothing held: no second copy
         return real
 
     real = asyncio.run(main())
-    assert real.writes == [b"body bytes " + HEAD] and real.closed
+    assert real.writes == [HEAD + b"body bytes"] and real.closed
 
 
-def test_nothing_held_is_written_to_a_transport_that_is_already_closing() -> None:
+def test_nothing_is_written_to_a_transport_that_is_already_closing() -> None:
     async def main() -> Recorder:
         real = Recorder()
         transport = _Coalescing(real, asyncio.get_running_loop())  # type: ignore[arg-type]
-        transport.write(b"late")
+        transport.write(HEAD)
         real.closed = True  # the peer went away
         await asyncio.sleep(0)
+        transport.write(b"late")
         return real
 
     assert asyncio.run(main()).writes == []

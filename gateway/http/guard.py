@@ -27,14 +27,15 @@ subclass of its protocol, which adds:
   kernel drop the answer it had not read yet (``Connection reset by peer``
   in 19 of 20 tries of ``tests/test_http_server.py``'s case).
 
-It also writes what one event-loop turn sends in one write (``_Coalescing``):
-uvicorn writes the status line and headers as soon as the app sends
-``http.response.start``, and each body message as it comes, so a JSON answer
-costs two writes and a stream one per SSE event, even when the engine's chunks
-were relayed in one loop turn. Each write to loopback costs tens of
+It also writes a response's head with what follows it in the same event-loop
+turn (``_Coalescing``): uvicorn writes the status line and headers as soon as
+the app sends ``http.response.start``, and the body as it comes, so a JSON
+answer would cost two writes, and each write to loopback costs tens of
 microseconds of kernel time plus a wake-up of the peer (``loadtest/overhead.py``).
-Every byte is still written in order, at most one loop turn late, and closing
-the connection writes what is held first.
+A write with no head held goes out at once: an SSE stream already sends a burst
+of events per write (gateway/http/endpoints.py), and deferring each of its
+writes to the end of the turn cost a scheduled callback per write. Every byte is
+still written in order, and closing the connection writes what is held first.
 
 The body's own timeout is the handler's (``body_timeout_s`` in
 ``gateway/http/endpoints.py``), which can answer in OpenAI's error format.
@@ -233,7 +234,8 @@ class _Guarded(HttpToolsProtocol):
 
 
 class _Coalescing:
-    """The transport as uvicorn's protocol sees it: the writes of one loop turn become one write."""
+    """The transport as uvicorn's protocol sees it: a response head and the writes that follow it in its loop
+    turn become one write; any other write goes straight through."""
 
     def __init__(
         self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, close: Callable[[], None] | None = None
@@ -246,11 +248,13 @@ class _Coalescing:
 
     def write(self, data: bytes) -> None:
         held = self._held
-        if held is None:
+        if held is not None:
+            held.append(data)
+        elif data.startswith(b"HTTP/"):  # a status line and headers (uvicorn writes them apart from the body)
             self._held = [data]
             self._loop.call_soon(self._flush)
-        else:
-            held.append(data)
+        elif not self._transport.is_closing():
+            self._transport.write(data)
 
     def _flush(self) -> None:
         held, self._held = self._held, None
