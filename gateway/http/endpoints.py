@@ -186,8 +186,10 @@ async def _relay(send: Send, completion: Completion, first: dict[str, Any], head
         async for event in events:
             pending.append(event)
             if event is sse.DONE_EVENT:
+                # The stream's last event: no break, so the generator runs to its end here. (Left suspended at
+                # its last yield, it would be closed by the event loop's finalizer: a task per request.)
                 done = True
-                break
+                continue
             if not session.more_buffered or len(pending) >= _MAX_BURST:
                 await _send_body(send, pending, more=True)
     finally:

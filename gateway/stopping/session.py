@@ -267,7 +267,8 @@ class Generation:
                     out = self._client_chunk(chunk)
                     at_limit = acc.thinking + acc.answer >= self._length_limit
                     finished = _finish_in(out["choices"])
-                    if at_limit and not finished:
+                    imposed = at_limit and not finished
+                    if imposed:
                         # The engine ignored max_tokens: the gateway ends the sequence itself, as the engine should.
                         for choice in out["choices"]:
                             choice["finish_reason"] = "length"
@@ -286,8 +287,11 @@ class Generation:
                         break  # leaving the block closes the upstream stream: the engine aborts
                     if finished:
                         held = out
-                        if at_limit:
-                            break  # leaving the block closes the stream of an engine that would go on
+                        if imposed or (at_limit and self._length_limit > self._max_tokens):
+                            # Leaving the block closes the stream of an engine that would go on. One sequence
+                            # that the engine ended itself is read on to [DONE]: its usage chunk comes, and the
+                            # connection is kept for the next request instead of reconnecting.
+                            break
                     else:
                         yield out
         finally:
