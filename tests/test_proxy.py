@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -200,4 +201,21 @@ def test_engine_connections_are_reused_across_requests(gateway: Gateway) -> None
         body = {"model": "tinyreason", "prompt": "x", "stream": stream}
         with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
             r.read()
+    assert len(engine.stats.client_ports) == 1
+
+
+def test_a_stream_that_ends_at_max_tokens_keeps_its_engine_connection(gateway: Gateway) -> None:
+    """The engine's own finish at max_tokens is read on to [DONE]: the connection is reused, and the engine's
+    usage stands. (Leaving at the limit is for an engine that ignores max_tokens, tested elsewhere.)"""
+    url, engine, _ = gateway
+    for stream in (False, True, False, True):
+        engine.push(Script(pieces=["a", "b", "c"]))
+        body = {"model": "tinyreason", "prompt": "x", "stream": stream, "max_tokens": 3}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            raw = r.read()
+        if not stream:
+            assert json.loads(raw)["usage"]["completion_tokens"] == 3
+            assert json.loads(raw)["choices"][0]["finish_reason"] in ("stop", "length")
+    assert engine.stats.completed == 4 and engine.stats.cancelled == 0
     assert len(engine.stats.client_ports) == 1
