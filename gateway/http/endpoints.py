@@ -18,7 +18,6 @@ the session's cleanup closes the upstream stream, and the engine aborts.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import re
@@ -41,8 +40,6 @@ RawHeaders = list[tuple[bytes, bytes]]
 
 ENDPOINTS: dict[str, Endpoint] = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# The bytes Starlette's JSONResponse writes.
-_json = json.JSONEncoder(ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")).encode
 _JSON_TYPE = (b"content-type", b"application/json")
 _SSE_HEADERS: RawHeaders = [(b"cache-control", b"no-cache"), (b"content-type", b"text/event-stream; charset=utf-8")]
 _MAX_BURST = 32  # SSE events per write at most, so a long backlog still streams
@@ -162,7 +159,7 @@ def _text_header(scope: Scope, name: bytes) -> str | None:
 
 
 async def _send_json(send: Send, status: int, payload: Any, headers: RawHeaders) -> None:
-    body = _json(payload).encode()
+    body = sse.dumps(payload)  # the compact UTF-8 JSON Starlette's JSONResponse writes, through msgspec
     head = [*headers, (b"content-length", str(len(body)).encode()), _JSON_TYPE]
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})

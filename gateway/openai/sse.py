@@ -92,15 +92,18 @@ _encode = msgspec.json.Encoder().encode
 _encode_ascii = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 
+def dumps(payload: Any) -> bytes:
+    """Compact JSON as UTF-8 bytes (a chunk, or a whole response body). Raises ``TypeError`` for what JSON
+    cannot hold; a float that JSON cannot hold (NaN, infinity) is written as null."""
+    try:
+        return _encode(payload)
+    except UnicodeEncodeError:
+        return _encode_ascii(payload).encode()
+
+
 def encode(payload: dict[str, Any] | str) -> bytes:
     """One SSE event: ``data: <json>`` and a blank line. Raises ``TypeError`` for what JSON cannot hold."""
-    if isinstance(payload, str):
-        body = payload.encode()
-    else:
-        try:
-            body = _encode(payload)
-        except UnicodeEncodeError:
-            body = _encode_ascii(payload).encode()
+    body = payload.encode() if isinstance(payload, str) else dumps(payload)
     return b"data: " + body + b"\n\n"
 
 
