@@ -289,8 +289,8 @@ class Settings(BaseSettings):
     # Tries on another replica when a connection fails before the request reached any engine.
     upstream_retries: int = Field(default=1, ge=0, le=5)
     max_upstream_connections: int = Field(default=2048, ge=1)
-    # The HTTP stack under the engine client's httpx API: aiohttp's (httpx-aiohttp; about a third of the client
-    # CPU per streamed request) or httpx's own.
+    # The engine client's HTTP stack: aiohttp (streams on its ClientSession directly, the small JSON calls through
+    # httpx over it; a fifth of httpx's client CPU per streamed request) or httpx's own for everything.
     engine_transport: Literal["aiohttp", "httpx"] = "aiohttp"
     max_request_bytes: int = Field(default=1_000_000, ge=1024)
     # The HTTP server's own limits (gateway/http/guard.py): a request's line and headers in bytes and

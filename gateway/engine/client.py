@@ -1,4 +1,4 @@
-"""The one way to reach engines: OpenAI-compatible HTTP through httpx.
+"""The one way to reach engines: OpenAI-compatible HTTP, streams on aiohttp, the rest on httpx.
 
 ``Upstream.stream`` owns an upstream response's lifetime: leaving its
 ``async with`` block closes the connection, and vLLM aborts the request. That
@@ -10,9 +10,9 @@ small JSON calls through httpx over that same session
 (``httpx_aiohttp.AiohttpTransport``, the transport the OpenAI SDK offers).
 ``transport="httpx"`` puts everything on httpx's own stack. httpx's request
 building and response wrapping cost a fifth of a gateway worker's CPU per
-one-token request, which is why the hot path skips them (README, "engine
-client"). Errors from either stack are mapped onto the gateway's exception
-tree in ``translate``.
+one-token request, which is why the hot path skips them (README, "Engine
+client transports"). Errors from either stack are mapped onto the gateway's
+exception tree in ``translate``.
 """
 
 from __future__ import annotations
