@@ -108,7 +108,11 @@ def test_a_thousand_concurrent_streams_all_finish_and_leak_no_descriptors(
 ) -> None:
     engine, upstream = fake_engine
     engine.default = Script(pieces=ANSWER, delay_s=0.05)  # half a second each: the thousand overlap
-    with serve(upstream) as (proc, url):
+    # A burst opens up to a thousand engine connections at once, and a connect's timeout includes the wait for
+    # the gateway's event loop, busy taking the same thousand requests: under httpx's own transport (a few ms of
+    # CPU per new connection) on two cores, that wait passed the default 5 s in CI (ConnectTimeout, 503). This
+    # test is about every stream finishing and no descriptor leaking, so the connect timeout is generous.
+    with serve(upstream, STOPGATE_CONNECT_TIMEOUT_S="60") as (proc, url):
         idle = open_fds(proc.pid)
         first = asyncio.run(streams(url, 1000))
         after_first = settled_fds(proc.pid, url, engine_transport, idle)
