@@ -10,13 +10,14 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import httpx
 
 from gateway.engine.embedded import free_port
-from gateway.http.guard import ConnectionLimits, _Coalescing
+from gateway.http.guard import CONNECTION_LOST, ConnectionLimits, _Coalescing
 from gateway.http.server import serve_in_thread, server_config
 from gateway.settings import Settings
 
@@ -143,6 +144,43 @@ def test_served_responses_are_whole_json_and_streams_under_the_protocol() -> Non
         for _ in range(3):  # on one keep-alive connection
             assert client.get(f"{url}/json").content == b"ok"
             assert client.get(f"{url}/stream").content == b"abc"
+
+
+def test_each_request_carries_its_connections_lost_future_and_it_completes_when_the_client_leaves() -> None:
+    """The completion endpoints cancel work on this future's callback instead of a watcher task per request."""
+    seen: list[Any] = []
+    done = threading.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        lost = scope["extensions"][CONNECTION_LOST]
+        seen.append(lost)
+        if scope["path"] == "/quick":
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        await lost  # the client leaves without an answer
+        done.set()
+
+    with serve_in_thread(app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"GET /quick HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert sock.recv(65536).endswith(b"ok")
+            sock.sendall(b"GET /wait HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert _wait_for(lambda: len(seen) == 2)
+            assert not seen[1].done()  # connected: nothing to cancel
+        assert done.wait(5)  # closed: the future completed
+    assert seen[0] is seen[1]  # one future per connection, for every request on it
+
+
+def _wait_for(condition: Any, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(condition())
 
 
 # -- keep-alive: the server must not close an idle connection a client may still reuse ---------------------

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.completions import Completion
 from gateway.errors import ClientClosed, GatewayError, PayloadTooLarge, RequestTimeout, internal_error
+from gateway.http.guard import CONNECTION_LOST
 from gateway.http.services import Services
 from gateway.openai import sse
 from gateway.openai.protocol import Endpoint, parse_json_body
@@ -91,9 +92,9 @@ async def generate(services: Services, endpoint: Endpoint, scope: Scope, receive
                 started = True
                 await _relay(send, completion, first, id_header + _SSE_HEADERS)
 
-            await _with_cancellation(receive, stream())
+            await _with_cancellation(scope, receive, stream())
             return  # streamed, or the client left (nobody reads a 499)
-        result = await _with_cancellation(receive, completion.collect())
+        result = await _with_cancellation(scope, receive, completion.collect())
         if result is not None:
             await _send_json(send, 200, result, id_header)
     except GatewayError as exc:
@@ -203,28 +204,38 @@ async def _send_body(send: Send, pending: list[bytes], *, more: bool) -> None:
     await send(message)
 
 
-async def _with_cancellation(receive: Receive, work: Awaitable[T]) -> T | None:
+async def _with_cancellation(scope: Scope, receive: Receive, work: Awaitable[T]) -> T | None:
     """Run the work, cancelled if the client leaves first (as vLLM's ``with_cancellation``).
 
-    The work runs in this task and a watcher task waits for the disconnect: one
-    task per request rather than two and an ``asyncio.wait``. The watcher cancels
-    this task only while the work runs (the finished guard), and that
-    cancellation is told apart from any other (server shutdown) with
-    ``uncancel``, as ``asyncio.timeout`` does. Returns None when the client
-    left, after the work's cleanup has run.
+    The work runs in this task. Under ``stopgate serve``'s own protocol (gateway/http/guard.py) a callback
+    on the connection's lost-future cancels it; under any other server a watcher task waits for
+    ``receive()`` to say ``http.disconnect``. Either cancels this task only while the work runs (the
+    finished guard), and that cancellation is told apart from any other (server shutdown) with
+    ``uncancel``, as ``asyncio.timeout`` does. Returns None when the client left, after the work's
+    cleanup has run. (The callback saves a task per request: its creation, its first step and its
+    cancellation.)
     """
     this = asyncio.current_task()
     assert this is not None
     state = _Watch()
 
-    async def watch() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
+    def left(_: object = None) -> None:
         if not state.finished:
             state.client_left = True
             this.cancel()
 
-    watcher = asyncio.ensure_future(watch())
+    lost: asyncio.Future[None] | None = (scope.get("extensions") or {}).get(CONNECTION_LOST)
+    watcher: asyncio.Future[None] | None = None
+    if lost is not None:
+        lost.add_done_callback(left)  # already lost: the callback runs on the next loop turn
+    else:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            left()
+
+        watcher = asyncio.ensure_future(watch())
     try:
         result = await work
         state.finished = True  # no await between the work's last send and here
@@ -235,7 +246,10 @@ async def _with_cancellation(receive: Receive, work: Awaitable[T]) -> T | None:
         raise
     finally:
         state.finished = True
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
+        elif lost is not None:
+            lost.remove_done_callback(left)
 
 
 class _Watch:

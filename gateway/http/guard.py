@@ -90,6 +90,11 @@ def effective_max_connections(configured: int, *, upstream_connections: int) -> 
     return cap if configured <= 0 else min(configured, cap)
 
 
+#: The scope extension under which the guarded protocol puts a future that is done once the connection is
+#: lost: the completion endpoints watch it with a callback instead of a watcher task per request.
+CONNECTION_LOST = "stopgate.connection_lost"
+
+
 def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with ``limits``, one write per loop turn (``uvicorn.Config(http=...)``)."""
 
@@ -115,6 +120,7 @@ class _Guarded(HttpToolsProtocol):
         self._draining = False
         self._raw: asyncio.Transport | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
+        self._lost: asyncio.Future[None] = self.loop.create_future()
 
     # -- the connection ----------------------------------------------------
 
@@ -131,6 +137,8 @@ class _Guarded(HttpToolsProtocol):
         self._disarm_head_timer()
         if self._linger_timer is not None:
             self._linger_timer.cancel()
+        if not self._lost.done():
+            self._lost.set_result(None)
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
@@ -171,6 +179,8 @@ class _Guarded(HttpToolsProtocol):
         if self._head_timer is None:
             self._arm_head_timer()
         super().on_message_begin()
+        extensions: Any = {CONNECTION_LOST: self._lost}
+        self.scope["extensions"] = extensions
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
