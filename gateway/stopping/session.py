@@ -265,7 +265,7 @@ class Generation:
                         else:
                             acc.thinking += delta.tokens
                     out = self._client_chunk(chunk)
-                    at_limit = acc.thinking + acc.answer >= self._length_limit
+                    at_limit = acc.main >= self._length_limit
                     finished = _finish_in(out["choices"])
                     imposed = at_limit and not finished
                     if imposed:
