@@ -35,6 +35,8 @@ from gateway.stopping.spec import RequestContext
 
 log = logging.getLogger("stopgate")
 
+MAX_BURST = 32  # SSE events per write at most, so a long backlog still streams
+
 
 class Completion:
     """One completion request: ``admit``, ``open``, then ``collect`` or ``first`` and ``stream``.
@@ -119,33 +121,46 @@ class Completion:
                 await chunks.aclose()
             raise
 
-    def stream(self, first: dict[str, Any]) -> AsyncGenerator[bytes, None]:
-        """The SSE body after ``first``; it owns the admission ticket from now on and releases it when it ends."""
+    def stream(self, first: dict[str, Any]) -> AsyncGenerator[tuple[bytes, bool], None]:
+        """The SSE body from ``first`` on, a write at a time: ``(body, more)``, the last with ``more`` False.
+
+        The chunks of one engine burst (``Session.more_buffered``) go out in one
+        write, at most ``MAX_BURST`` of them: a chunk is never held back waiting
+        for the engine, and a backlog costs one write, not one per chunk. The
+        last write carries the final chunk and ``[DONE]``. The stream owns the
+        admission ticket from now on and releases it when it ends.
+        """
         assert self._chunks is not None and self._ticket is not None, "first() first"
         ticket, self._ticket = self._ticket, None
         return self._events(first, self._chunks, ticket)
 
     async def _events(
         self, first: dict[str, Any], chunks: AsyncGenerator[dict[str, Any], None], ticket: Ticket
-    ) -> AsyncGenerator[bytes, None]:
+    ) -> AsyncGenerator[tuple[bytes, bool], None]:
         services, session = self.services, self.session
         code, ended = 200, False
         texts = [choice_text(first)]
+        burst = [sse.encode(first)]
         try:
-            yield sse.encode(first)
+            if not session.more_buffered:
+                yield burst.pop(), True
             async for chunk in chunks:
                 texts.append(choice_text(chunk))
-                yield sse.encode(chunk)
+                burst.append(sse.encode(chunk))
+                if not session.more_buffered or len(burst) >= MAX_BURST:
+                    body = b"".join(burst)
+                    burst.clear()
+                    yield body, True
             ended = True
         except GatewayError as exc:
             code = exc.status_code
             if isinstance(exc, UpstreamError):
                 services.metrics.upstream_errors.labels(exc.kind).inc()
-            yield sse.encode(exc.to_dict())
+            burst.append(sse.encode(exc.to_dict()))
         except Exception:
             code = 500
             log.exception("error while streaming request %s", session.ctx.request_id)
-            yield sse.encode(internal_error().to_dict())
+            burst.append(sse.encode(internal_error().to_dict()))
         finally:
             # A client that leaves cancels us here: close the upstream (the engine
             # aborts) even though the surrounding scope is cancelled.
@@ -157,7 +172,8 @@ class Completion:
                     _finished(services, session, self._item, "".join(texts))
                 elif code == 200:  # the client left: its tokens count as live work, its partial text is no sample
                     _count_live(services, session)
-        yield sse.DONE_EVENT
+        burst.append(sse.DONE_EVENT)
+        yield b"".join(burst), False
 
     def failed(self, exc: GatewayError) -> None:
         """Count an error the caller renders (the route and policy labels as far as they are known)."""

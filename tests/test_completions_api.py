@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 from prometheus_client import CollectorRegistry
 from starlette.responses import JSONResponse
 
+from gateway.engine.client import ChunkStream
 from gateway.http.app import create_app
-from gateway.http.endpoints import route_path
+from gateway.http.endpoints import generate, route_path
 from gateway.http.server import serve_in_thread
 from gateway.settings import Settings
 from loadtest.fake_engine import FakeEngine, Script
@@ -188,3 +190,86 @@ def test_the_fastapi_declarations_serve_the_same_endpoint_without_the_middleware
         missing = httpx.post(f"{url}/v1/completions", json={"model": "no-such-model", "prompt": "x"}, timeout=10)
     assert r.status_code == 200 and r.json()["choices"][0]["text"].endswith("#### 3") and "x-request-id" in r.headers
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+class _ReadByRead:
+    """An engine whose stream gives exactly the pieces put in ``reads``, one per read (b"": the body ends)."""
+
+    base_url = "inprocess://engine"
+
+    def __init__(self) -> None:
+        self.reads: asyncio.Queue[bytes] = asyncio.Queue()
+
+    @asynccontextmanager
+    async def stream(self, path: str, body: dict[str, Any], *, request_id: str) -> AsyncIterator[ChunkStream]:
+        yield ChunkStream(self.reads.get)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _event(text: str, finish: str | None = None, **extra: Any) -> bytes:
+    chunk = {"id": "c", "object": "text_completion", "created": 1, "model": "tinyreason", **extra}
+    chunk["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def test_a_chunk_goes_out_as_it_arrives_a_burst_in_one_write_and_the_last_chunk_with_done() -> None:
+    """One write per engine read: never held back for the next read, never one write per chunk of a burst."""
+    usage = {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5}
+
+    async def run() -> list[Any]:
+        app = _app("http://127.0.0.1:9")
+        engine = _ReadByRead()
+        sent: list[Any] = []
+        arrived = asyncio.Event()
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body":
+                arrived.set()
+
+        body = {"model": "tinyreason", "prompt": "x", "max_tokens": 8, "stream": True}
+        requests = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+        async def receive() -> Any:
+            if requests:
+                return requests.pop()
+            await asyncio.Event().wait()  # the client stays
+
+        async def engine_side() -> None:
+            for piece in (_event("a"), _event("b") + _event("c")):
+                arrived.clear()
+                await engine.reads.put(piece)
+                await asyncio.wait_for(arrived.wait(), 5)  # the read's write, before the next read arrives
+            await engine.reads.put(_event("d", "stop") + b"data: [DONE]\n\n")
+            await engine.reads.put(b"")  # the body ends
+
+        async with app.router.lifespan_context(app):
+            app.state.services.upstream = engine
+            await asyncio.gather(
+                generate(app.state.services, "completions", {**_SCOPE, "app": app}, receive, send), engine_side()
+            )
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    writes = [[e for e in m["body"].split(b"\n\n") if e] for m in sent[1:]]
+    texts = [
+        [e.decode() if e == b"data: [DONE]" else json.loads(e[6:])["choices"][0]["text"] for e in w] for w in writes
+    ]
+    assert texts == [["a"], ["b", "c"], ["d", "data: [DONE]"]]
+    assert [m["more_body"] for m in sent[1:]] == [True, True, False]
+    final = json.loads(writes[-1][0][6:])
+    assert (
+        final["choices"][0]["finish_reason"] == "stop"
+        and final["usage"]["completion_tokens"] == 4 == usage["completion_tokens"]
+    )
+
+
+_SCOPE = {
+    "type": "http",
+    "method": "POST",
+    "path": "/v1/completions",
+    "headers": [(b"content-type", b"application/json")],
+}

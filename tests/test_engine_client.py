@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.engine.client import Upstream
+from gateway.engine.client import ChunkStream, Upstream
 from gateway.errors import UpstreamError, UpstreamTimeout
 
 
@@ -34,7 +34,7 @@ def event(payload: dict[str, Any] | str) -> bytes:
 
 
 def read(pieces: list[bytes], *, delay_s: float = 0.0, total_timeout_s: float | None = None) -> list[Any]:
-    """(chunk, more_buffered) for each chunk the client yields."""
+    """The chunks the stream gives, a list per ``batch()`` (one read's worth)."""
     seen: list[Any] = []
     bodies: list[bytes] = []
 
@@ -48,8 +48,8 @@ def read(pieces: list[bytes], *, delay_s: float = 0.0, total_timeout_s: float | 
             async with upstream.stream(
                 "/v1/completions", {"prompt": "é", "n": 1}, request_id="r1", total_timeout_s=total_timeout_s
             ) as chunks:
-                async for chunk in chunks:
-                    seen.append((chunk, chunks.more_buffered))
+                while batch := await chunks.batch():
+                    seen.append(batch)
         finally:
             await upstream.aclose()
 
@@ -58,22 +58,34 @@ def read(pieces: list[bytes], *, delay_s: float = 0.0, total_timeout_s: float | 
     return seen
 
 
-def test_chunks_of_one_burst_say_the_next_is_in_hand_and_the_last_before_done_does_not() -> None:
+def test_the_chunks_of_one_read_come_as_one_batch_and_the_end_as_an_empty_one() -> None:
     a, b, c = ({"choices": [{"text": t}]} for t in "abc")
     seen = read([event(a) + event(b), event(c), event("[DONE]")])
-    assert seen == [(a, True), (b, False), (c, False)]
+    assert seen == [[a, b], [c]]
+
+
+def test_iterating_a_stream_gives_its_chunks_one_by_one() -> None:
+    async def run() -> list[Any]:
+        pieces = iter([event({"x": 1}) + event({"x": 2}), event({"x": 3}) + event("[DONE]"), b""])
+
+        async def read() -> bytes:
+            return next(pieces)
+
+        return [chunk async for chunk in ChunkStream(read)]
+
+    assert asyncio.run(run()) == [{"x": 1}, {"x": 2}, {"x": 3}]
 
 
 def test_events_split_anywhere_and_with_crlf_decode_alike() -> None:
     body = (event({"x": 1}) + b": comment\r\n" + event({"x": 2}) + event("[DONE]")).replace(b"\n", b"\r\n")
     pieces = [body[i : i + 3] for i in range(0, len(body), 3)]
-    assert [chunk for chunk, _ in read(pieces)] == [{"x": 1}, {"x": 2}]
+    assert [chunk for batch in read(pieces) for chunk in batch] == [{"x": 1}, {"x": 2}]
 
 
 def test_a_responses_stream_ends_at_its_end_event_without_done() -> None:
     done = {"type": "response.completed", "response": {}}
     seen = read([event({"type": "response.output_text.delta"}) + event(done) + event({"type": "late"})])
-    assert seen == [({"type": "response.output_text.delta"}, True), (done, False)]
+    assert seen == [[{"type": "response.output_text.delta"}, done]]
 
 
 @pytest.mark.parametrize(
@@ -89,6 +101,23 @@ def test_a_responses_stream_ends_at_its_end_event_without_done() -> None:
 def test_a_broken_stream_is_an_upstream_error(pieces: list[bytes], message: str) -> None:
     with pytest.raises(UpstreamError, match=message):
         read(pieces)
+
+
+def test_the_chunks_read_before_a_break_in_the_same_read_are_given_before_the_error() -> None:
+    async def run() -> tuple[list[Any], Exception]:
+        pieces = iter([event({"x": 1}) + event({"x": 2}) + event({"error": {"message": "engine broke"}}) + event({})])
+
+        async def read() -> bytes:
+            return next(pieces)
+
+        stream = ChunkStream(read)
+        first = await stream.batch()
+        with pytest.raises(UpstreamError) as broke:
+            await stream.batch()
+        return first, broke.value
+
+    first, error = asyncio.run(run())
+    assert first == [{"x": 1}, {"x": 2}] and "engine broke" in str(error)
 
 
 def test_a_stream_past_its_total_timeout_ends_with_upstream_timeout() -> None:

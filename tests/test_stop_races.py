@@ -31,8 +31,6 @@ def _chunk(text: str, finish: str | None = None) -> dict[str, Any]:
 
 
 class _Stream:
-    more_buffered = False
-
     def __init__(
         self,
         chunks: list[dict[str, Any]],
@@ -44,6 +42,12 @@ class _Stream:
 
     def __aiter__(self) -> _Stream:
         return self
+
+    async def batch(self) -> list[dict[str, Any]]:  # a chunk per read
+        try:
+            return [await self.__anext__()]
+        except StopAsyncIteration:
+            return []
 
     async def __anext__(self) -> dict[str, Any]:
         if self.sent >= len(self.chunks):

@@ -25,7 +25,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import anyio
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.completions import Completion
 from gateway.errors import ClientClosed, GatewayError, PayloadTooLarge, RequestTimeout, internal_error
@@ -43,7 +43,6 @@ ENDPOINTS: dict[str, Endpoint] = {"/v1/completions": "completions", "/v1/chat/co
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _JSON_TYPE = (b"content-type", b"application/json")
 _SSE_HEADERS: RawHeaders = [(b"cache-control", b"no-cache"), (b"content-type", b"text/event-stream; charset=utf-8")]
-_MAX_BURST = 32  # SSE events per write at most, so a long backlog still streams
 
 
 class CompletionsEndpoints:
@@ -167,41 +166,24 @@ async def _send_json(send: Send, status: int, payload: Any, headers: RawHeaders)
 
 
 async def _relay(send: Send, completion: Completion, first: dict[str, Any], head: RawHeaders) -> None:
-    """The SSE response: ``Completion.stream``'s events, a burst per write, the last write with [DONE].
+    """The SSE response: the head, then ``Completion.stream``'s writes, the last one ending the body.
 
-    Chunks the engine sent in one burst (``more_buffered``) go out in one write,
-    up to ``_MAX_BURST`` of them: a chunk is never held back waiting for the
-    engine, and a backlog costs one write, not one per chunk. The stream's own
-    ``finally`` (close upstream, metrics, ticket, bookkeeping) runs however it
-    ends: to its end, or closed here when the client leaves during a write.
+    The stream's own ``finally`` (close upstream, metrics, ticket, bookkeeping) runs however it ends: to its
+    end, or closed here when the client leaves during a write.
     """
-    session = completion.session
     events = completion.stream(first)
-    pending: list[bytes] = []
     done = False
     try:
         await send({"type": "http.response.start", "status": 200, "headers": head})
-        async for event in events:
-            pending.append(event)
-            if event is sse.DONE_EVENT:
-                # The stream's last event: no break, so the generator runs to its end here. (Left suspended at
-                # its last yield, it would be closed by the event loop's finalizer: a task per request.)
-                done = True
-                continue
-            if not session.more_buffered or len(pending) >= _MAX_BURST:
-                await _send_body(send, pending, more=True)
+        async for body, more in events:
+            await send({"type": "http.response.body", "body": body, "more_body": more})
+        # No break at the last write: the generator runs to its end here. (Left suspended at its last yield,
+        # it would be closed by the event loop's finalizer: a task per request.)
+        done = True
     finally:
         if not done:  # cancelled (the client left) or failed while writing: the stream's cleanup runs now
             with anyio.CancelScope(shield=True):
                 await events.aclose()
-    await _send_body(send, pending, more=False)
-
-
-async def _send_body(send: Send, pending: list[bytes], *, more: bool) -> None:
-    body = pending[0] if len(pending) == 1 else b"".join(pending)
-    pending.clear()
-    message: Message = {"type": "http.response.body", "body": body, "more_body": more}
-    await send(message)
 
 
 async def _with_cancellation(scope: Scope, receive: Receive, work: Awaitable[T]) -> T | None:

@@ -13,12 +13,13 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
+from gateway.engine.client import ChunkSource
 from gateway.errors import GatewayError
 from gateway.evaluation import Extractor, Normalizer
 from gateway.openai.chunks import ChunkParser
@@ -155,44 +156,45 @@ class Probes:
                     pass
 
 
-async def until_stopped(
-    stream: AsyncIterator[dict[str, Any]], stop_event: asyncio.Event, probes: Probes | None
-) -> AsyncIterator[dict[str, Any]]:
-    """The upstream chunks, ending early once ``stop_event`` is set (a probe result said stop).
+class UntilStopped:
+    """An engine stream's bursts (``ChunkSource.batch``), ending early once ``stop_event`` is set.
 
-    While no probe is running only the stream can say stop, so it is read
-    directly; with probes in flight, each read races the stop event.
+    While no probe is running only the stream itself can say stop, so ``next()``
+    is the stream's own read, with no task or wrapper in between (this runs for
+    every burst of every request); with probes in flight each read races the
+    stop event. ``[]``: the stream ended, or a stop came. ``aclose()`` lets go
+    of a read still pending, which must happen before the stream is closed.
     """
-    iterator = stream.__aiter__()
-    pending: asyncio.Future[dict[str, Any]] | None = None
-    try:
-        while not stop_event.is_set():
-            if probes is None or probes.inflight == 0:
-                if pending is None:
-                    try:
-                        yield await iterator.__anext__()
-                    except StopAsyncIteration:
-                        return
-                    continue
-            if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
-            stop_wait = asyncio.ensure_future(stop_event.wait())
+
+    def __init__(self, stream: ChunkSource, stop_event: asyncio.Event, probes: Probes | None) -> None:
+        self._stream, self._stop, self._probes = stream, stop_event, probes
+        self._pending: asyncio.Future[list[dict[str, Any]]] | None = None
+
+    def next(self) -> Awaitable[list[dict[str, Any]]]:
+        if self._pending is None and not self._stop.is_set() and (self._probes is None or not self._probes.inflight):
+            return self._stream.batch()
+        return self._race()
+
+    async def _race(self) -> list[dict[str, Any]]:
+        while not self._stop.is_set():
+            if self._pending is None:
+                if self._probes is None or not self._probes.inflight:
+                    return await self._stream.batch()
+                self._pending = asyncio.ensure_future(self._stream.batch())
+            stop_wait = asyncio.ensure_future(self._stop.wait())
             try:
-                waiters: set[asyncio.Future[Any]] = {pending, stop_wait}
+                waiters: set[asyncio.Future[Any]] = {self._pending, stop_wait}
                 await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 stop_wait.cancel()
-            if not pending.done():
-                if stop_event.is_set():
-                    return
-                continue
-            future, pending = pending, None
-            try:
-                chunk = future.result()
-            except StopAsyncIteration:
-                return
-            yield chunk
-    finally:
+            if self._pending.done():
+                future, self._pending = self._pending, None
+                return future.result()
+            # A probe ended without a stop: race on while probes run, else wait on the read alone.
+        return []
+
+    async def aclose(self) -> None:
+        pending, self._pending = self._pending, None
         if pending is not None and not pending.done():
             pending.cancel()
             # Wait for the read to let go of the stream before it is closed,

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
-from gateway.engine.client import EngineClient
+from gateway.engine.client import ChunkSource, EngineClient
 from gateway.errors import UpstreamError, UpstreamRejected
 from gateway.openai.protocol import PATHS, ChatCompletionRequest, CompletionRequest, Endpoint
 from gateway.settings import RouteConfig
@@ -67,7 +67,7 @@ class Continuer:
     @asynccontextmanager
     async def stream(
         self, generated: str, suffix: str, *, max_tokens: int, greedy: bool, logprobs: bool, request_id: str
-    ) -> AsyncIterator[AsyncIterator[dict[str, Any]]]:
+    ) -> AsyncIterator[ChunkSource]:
         """The side generation's upstream stream; read ``shape`` once it is open (``auto`` may switch)."""
         async with AsyncExitStack() as stack:
             path, body = await self.request_for(

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-from gateway.engine.client import ChunkSource, EngineClient
+from gateway.engine.client import EngineClient
 from gateway.errors import GatewayError
 from gateway.evaluation import get_extractor, get_normalizer
 from gateway.openai.chunks import ChoiceDelta, ChunkParser, text_chunk
@@ -28,7 +28,7 @@ from gateway.openai.protocol import PATHS
 from gateway.stopping.accounting import Accounting
 from gateway.stopping.continuation import as_answer, split_suffix, token_logprobs
 from gateway.stopping.cost import COST_STOP, CostMeter, sequences
-from gateway.stopping.probes import Probes, until_stopped
+from gateway.stopping.probes import Probes, UntilStopped
 from gateway.stopping.rendered import Continuer
 from gateway.stopping.spec import PASSTHROUGH, RequestContext, build_request_policy, resolve_stop_spec, upstream_body
 from policies.base import Action, Decision, ProbeResult, StopPolicy, TokenEvent
@@ -91,7 +91,7 @@ class Generation:
         self._probe_stopped = False  # the stop came from a probe's result (not from the stream itself)
         self._policy_error: PolicyFailed | None = None
         self._finished = False  # the engine ended the stream itself
-        self._stream: ChunkSource | None = None  # the main upstream stream, while it is read
+        self._in_hand = 0  # chunks of the engine's last burst not yet taken from chunks()
         self.probes: Probes | None = None
         self.continuer = Continuer(
             upstream, endpoint=ctx.endpoint, request=ctx.request, route=ctx.route, request_id=ctx.request_id
@@ -234,70 +234,74 @@ class Generation:
     @property
     def more_buffered(self) -> bool:
         """The engine's next chunk is already in hand: the next one from ``chunks()`` won't wait on it."""
-        stream = self._stream
-        return stream is not None and stream.more_buffered
+        return self._in_hand > 0
 
     async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
         acc = self.accounting
         usage: dict[str, Any] | None = None
         held: dict[str, Any] | None = None
-        try:
-            async with self.upstream.stream(
-                PATHS[self.ctx.endpoint], self._body, request_id=self.ctx.request_id
-            ) as stream:
-                self._stream = stream
-                observe = self.ctx.request.n == 1 or self.policy is not None
-                async for chunk in until_stopped(stream, self._stop_event, self.probes):
-                    if not self._meta:
-                        self._remember_meta(chunk)
-                    chunk_usage = chunk.get("usage")
-                    if isinstance(chunk_usage, dict):
-                        usage = chunk_usage
-                        acc.prompt = int(usage.get("prompt_tokens") or acc.prompt)
-                    if not chunk.get("choices"):
-                        continue  # the usage-only chunk; usage rides on our final chunk
-                    for delta in self._parser.parse(chunk):
-                        if acc.first_token_at is None and (delta.text or delta.reasoning):
-                            acc.first_token_at = time.monotonic()
-                        self._charge(delta.tokens)
-                        if observe:
-                            self._observe(delta)
-                        else:
-                            acc.thinking += delta.tokens
-                    out = self._client_chunk(chunk)
-                    at_limit = acc.main >= self._length_limit
-                    finished = _finish_in(out["choices"])
-                    imposed = at_limit and not finished
-                    if imposed:
-                        # The engine ignored max_tokens: the gateway ends the sequence itself, as the engine should.
-                        for choice in out["choices"]:
-                            choice["finish_reason"] = "length"
-                        finished = True
-                    self._finished = self._finished or finished
-                    if held is not None:
-                        yield held
-                        held = None
-                    if self._stop_event.is_set() and self._probe_stopped and self._phase == "answer":
-                        # The probe's stop landed with the chunk in which the model closed its reasoning
-                        # itself: nothing is left to cut, and stopping now would lose the answer.
-                        acc.stop_reason, self._probe_stopped = None, False
-                        self._stop_event.clear()
-                    if self._stop_event.is_set():
-                        held = out
-                        break  # leaving the block closes the upstream stream: the engine aborts
-                    if finished:
-                        held = out
-                        if imposed or (at_limit and self._length_limit > self._max_tokens):
-                            # Leaving the block closes the stream of an engine that would go on. One sequence
-                            # that the engine ended itself is read on to [DONE]: its usage chunk comes, and the
-                            # connection is kept for the next request instead of reconnecting.
+        async with self.upstream.stream(PATHS[self.ctx.endpoint], self._body, request_id=self.ctx.request_id) as stream:
+            reader = UntilStopped(stream, self._stop_event, self.probes)
+            observe = self.ctx.request.n == 1 or self.policy is not None
+            leave = False  # leaving the block closes the upstream stream: the engine aborts
+            try:
+                # A burst at a time (the chunks of one read), walked in a plain loop: see ChunkStream.
+                while not leave and (batch := await reader.next()):
+                    self._in_hand = len(batch)
+                    for chunk in batch:
+                        self._in_hand -= 1
+                        if not self._meta:
+                            self._remember_meta(chunk)
+                        chunk_usage = chunk.get("usage")
+                        if isinstance(chunk_usage, dict):
+                            usage = chunk_usage
+                            acc.prompt = int(usage.get("prompt_tokens") or acc.prompt)
+                        if not chunk.get("choices"):
+                            continue  # the usage-only chunk; usage rides on our final chunk
+                        for delta in self._parser.parse(chunk):
+                            if acc.first_token_at is None and (delta.text or delta.reasoning):
+                                acc.first_token_at = time.monotonic()
+                            self._charge(delta.tokens)
+                            if observe:
+                                self._observe(delta)
+                            else:
+                                acc.thinking += delta.tokens
+                        out = self._client_chunk(chunk)
+                        at_limit = acc.main >= self._length_limit
+                        finished = _finish_in(out["choices"])
+                        imposed = at_limit and not finished
+                        if imposed:
+                            # The engine ignored max_tokens: the gateway ends the sequence itself, as it should.
+                            for choice in out["choices"]:
+                                choice["finish_reason"] = "length"
+                            finished = True
+                        self._finished = self._finished or finished
+                        if held is not None:
+                            yield held
+                            held = None
+                        if self._stop_event.is_set() and self._probe_stopped and self._phase == "answer":
+                            # The probe's stop landed with the chunk in which the model closed its reasoning
+                            # itself: nothing is left to cut, and stopping now would lose the answer.
+                            acc.stop_reason, self._probe_stopped = None, False
+                            self._stop_event.clear()
+                        if self._stop_event.is_set():
+                            held, leave = out, True
                             break
-                    else:
-                        yield out
-        finally:
-            self._stream = None
-            if self.probes is not None:
-                await self.probes.aclose()
+                        if finished:
+                            held = out
+                            if imposed or (at_limit and self._length_limit > self._max_tokens):
+                                # Close the stream of an engine that would go on. One sequence that the engine
+                                # ended itself is read on to [DONE]: its usage chunk comes, and the connection
+                                # is kept for the next request instead of reconnecting.
+                                leave = True
+                                break
+                        else:
+                            yield out
+            finally:
+                self._in_hand = 0
+                await reader.aclose()
+                if self.probes is not None:
+                    await self.probes.aclose()
         if self._policy_error is not None:
             raise self._policy_error
         if acc.stop_reason is not None:
@@ -331,6 +335,7 @@ class Generation:
         final = held if held is not None else self._text_chunk("", finish_reason=finish)
         final["usage"] = self._final_usage(usage)
         final["stopgate"] = self.extension()
+        self._in_hand = 1  # nothing after the final chunk waits on the engine: it goes out with the stream's end
         yield final
         req = self.ctx.request
         if req.stream_options is not None and req.stream_options.include_usage:
