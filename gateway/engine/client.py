@@ -198,34 +198,11 @@ class Upstream:
         payload = _encode_body(body).encode()
         deadline = None if total_timeout_s is None else time.monotonic() + total_timeout_s
         if self._direct:
-            return self._stream_aiohttp(path, payload, request_id, deadline, total_timeout_s)
+            url = self._urls.get(path)
+            if url is None:
+                url = self._urls[path] = URL(self.base_url.rstrip("/") + path)
+            return _AiohttpStream(self._aiohttp(), url, payload, request_id, deadline, total_timeout_s)
         return self._stream_httpx(path, payload, request_id, deadline, total_timeout_s)
-
-    @asynccontextmanager
-    async def _stream_aiohttp(
-        self, path: str, payload: bytes, request_id: str, deadline: float | None, total_timeout_s: float | None
-    ) -> AsyncIterator[ChunkStream]:
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = URL(self.base_url.rstrip("/") + path)
-        headers = {"content-type": _JSON_TYPE, "x-request-id": request_id}
-        try:
-            response = await self._aiohttp().post(url, data=payload, headers=headers)
-        except TRANSPORT_ERRORS as exc:
-            raise translate(exc) from exc
-        try:
-            if response.status >= 400:
-                _raise_for_status(response.status, await _read_bounded(response.content.read))
-            yield ChunkStream(response.content.readany, deadline, total_timeout_s)
-        except _STREAM_ERRORS as exc:
-            raise translate(exc) from exc
-        finally:
-            # Closing unfinished is what makes the engine abort; a body read to its end keeps its connection.
-            # Neither awaits, so a cancelled caller (a client that left) closes it too.
-            if response.content.is_eof():
-                response.release()
-            else:
-                response.close()
 
     @asynccontextmanager
     async def _stream_httpx(
@@ -278,6 +255,59 @@ class Upstream:
             return response.json()
         except ValueError as exc:
             raise UpstreamError(f"POST {path} returned invalid JSON.") from exc
+
+
+class _AiohttpStream:
+    """``Upstream.stream`` on aiohttp's ``ClientSession``. A class rather than an ``asynccontextmanager``: this
+    runs for every request, and the decorator's async generator (its creation, the loop's weak set of live
+    generators, two steps) cost more than the class's two calls."""
+
+    __slots__ = ("_session", "_url", "_payload", "_request_id", "_deadline", "_total_timeout_s", "_response")
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: URL,
+        payload: bytes,
+        request_id: str,
+        deadline: float | None,
+        total_timeout_s: float | None,
+    ) -> None:
+        self._session, self._url, self._payload, self._request_id = session, url, payload, request_id
+        self._deadline, self._total_timeout_s = deadline, total_timeout_s
+        self._response: aiohttp.ClientResponse | None = None
+
+    async def __aenter__(self) -> ChunkStream:
+        headers = {"content-type": _JSON_TYPE, "x-request-id": self._request_id}
+        try:
+            response = await self._session.post(self._url, data=self._payload, headers=headers)
+        except TRANSPORT_ERRORS as exc:
+            raise translate(exc) from exc
+        self._response = response
+        if response.status >= 400:
+            try:
+                raw = await _read_bounded(response.content.read)
+            except _STREAM_ERRORS as exc:
+                raise translate(exc) from exc
+            finally:
+                _let_go(response)
+            _raise_for_status(response.status, raw)
+        return ChunkStream(response.content.readany, self._deadline, self._total_timeout_s)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        assert self._response is not None, "entered"
+        _let_go(self._response)
+        if isinstance(exc, _STREAM_ERRORS):
+            raise translate(exc) from exc
+
+
+def _let_go(response: aiohttp.ClientResponse) -> None:
+    """Closing unfinished is what makes the engine abort; a body read to its end keeps its connection.
+    Neither awaits, so a cancelled caller (a client that left) closes it too."""
+    if response.content.is_eof():
+        response.release()
+    else:
+        response.close()
 
 
 def _raise_for_status(status: int, raw: bytes) -> None:

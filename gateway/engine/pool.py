@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,34 +153,9 @@ class UpstreamPool:
         if replica.breaker.failure():
             log.warning("upstream %s failed %d times in a row; breaker open", replica.name, replica.breaker.failures)
 
-    @asynccontextmanager
-    async def stream(self, path: str, body: dict[str, Any], *, request_id: str) -> AsyncIterator[ChunkSource]:
-        tried: set[int] = set()
-        attempts = 0
-        while True:
-            replica = await self._pick(tried)
-            attempts += 1
-            replica.in_flight += 1
-            started = False
-            try:
-                async with replica.upstream.stream(
-                    path, body, request_id=request_id, total_timeout_s=self.total_timeout_s
-                ) as chunks:
-                    started = True
-                    yield chunks
-                replica.breaker.success()
-                return
-            except UpstreamUnavailable as exc:
-                self._failed(replica, exc)
-                # Not connected: the engine never saw the request, so another replica may take it.
-                if started or attempts > self.retries or len(tried) == len(self.replicas):
-                    raise
-                log.info("request %s: %s unreachable, retrying on another replica", request_id, replica.name)
-            except UpstreamError as exc:
-                self._failed(replica, exc)
-                raise
-            finally:
-                replica.in_flight -= 1
+    def stream(self, path: str, body: dict[str, Any], *, request_id: str) -> _PoolStream:
+        """``Upstream.stream`` on a picked replica: retried on another while no engine has seen it."""
+        return _PoolStream(self, path, body, request_id)
 
     async def post_json(self, path: str, body: dict[str, Any], *, request_id: str) -> Any:
         """A small JSON request on the least-loaded healthy replica, retried as ``stream`` retries."""
@@ -216,3 +191,61 @@ class UpstreamPool:
                 error = exc
         assert error is not None
         raise error
+
+
+class _PoolStream:
+    """``UpstreamPool.stream``'s context. A class rather than an ``asynccontextmanager``: it runs for every
+    request, and the decorator's async generator costs more than two calls."""
+
+    __slots__ = ("_pool", "_path", "_body", "_request_id", "_replica", "_inner")
+
+    def __init__(self, pool: UpstreamPool, path: str, body: dict[str, Any], request_id: str) -> None:
+        self._pool, self._path, self._body, self._request_id = pool, path, body, request_id
+        self._replica: Replica | None = None
+        self._inner: AbstractAsyncContextManager[ChunkSource] | None = None
+
+    async def __aenter__(self) -> ChunkSource:
+        pool = self._pool
+        tried: set[int] = set()
+        attempts = 0
+        while True:
+            replica = await pool._pick(tried)
+            attempts += 1
+            inner = replica.upstream.stream(
+                self._path, self._body, request_id=self._request_id, total_timeout_s=pool.total_timeout_s
+            )
+            replica.in_flight += 1
+            try:
+                chunks = await inner.__aenter__()
+            except UpstreamUnavailable as exc:
+                replica.in_flight -= 1
+                pool._failed(replica, exc)
+                # Not connected: the engine never saw the request, so another replica may take it.
+                if attempts > pool.retries or len(tried) == len(pool.replicas):
+                    raise
+                log.info("request %s: %s unreachable, retrying on another replica", self._request_id, replica.name)
+                continue
+            except UpstreamError as exc:
+                replica.in_flight -= 1
+                pool._failed(replica, exc)
+                raise
+            except BaseException:
+                replica.in_flight -= 1
+                raise
+            self._replica, self._inner = replica, inner
+            return chunks
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        replica, inner = self._replica, self._inner
+        assert replica is not None and inner is not None, "entered"
+        try:
+            await inner.__aexit__(exc_type, exc, tb)
+        except UpstreamError as raised:  # the stream's own error, as the replica's client names it
+            self._pool._failed(replica, raised)
+            raise
+        finally:
+            replica.in_flight -= 1
+        if isinstance(exc, UpstreamError):
+            self._pool._failed(replica, exc)
+        elif exc is None:
+            replica.breaker.success()

@@ -279,14 +279,15 @@ class Generation:
                         if held is not None:
                             yield held
                             held = None
-                        if self._stop_event.is_set() and self._probe_stopped and self._phase == "answer":
-                            # The probe's stop landed with the chunk in which the model closed its reasoning
-                            # itself: nothing is left to cut, and stopping now would lose the answer.
-                            acc.stop_reason, self._probe_stopped = None, False
-                            self._stop_event.clear()
                         if self._stop_event.is_set():
-                            held, leave = out, True
-                            break
+                            if self._probe_stopped and self._phase == "answer":
+                                # The probe's stop landed with the chunk in which the model closed its reasoning
+                                # itself: nothing is left to cut, and stopping now would lose the answer.
+                                acc.stop_reason, self._probe_stopped = None, False
+                                self._stop_event.clear()
+                            else:
+                                held, leave = out, True
+                                break
                         if finished:
                             held = out
                             if imposed or (at_limit and self._length_limit > self._max_tokens):
