@@ -10,10 +10,12 @@ the moment the probe's answer is handed over.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+from gateway.engine.client import ChunkStream
 from gateway.openai.protocol import CompletionRequest
 from gateway.settings import RouteConfig
 from gateway.stopping.session import Generation
@@ -120,3 +122,57 @@ def test_a_probe_stop_that_lands_with_the_models_own_think_close_keeps_the_answe
     assert final["stopgate"]["stop_reason"] == "finished"
     assert final["choices"][0]["finish_reason"] == "stop"
     assert not engine.aborted  # the model's own answer was read to its end
+
+
+def _bursts(bursts: list[list[dict[str, Any]]]) -> ChunkStream:
+    """An engine stream whose chunks come in the given bursts, one read each, every read a loop turn later."""
+    pieces = [b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in burst) for burst in bursts]
+    pieces[-1] += b"data: [DONE]\n\n"
+    pieces.append(b"")
+
+    async def read() -> bytes:
+        await asyncio.sleep(0)
+        return pieces.pop(0)
+
+    return ChunkStream(read)
+
+
+class _BacklogEngine:
+    """The main stream's whole reasoning arrives as one backlog; every probe answers ``45`` at once."""
+
+    base_url = "inprocess://engine"
+
+    def __init__(self) -> None:
+        self.probes_answered = 0
+
+    @asynccontextmanager
+    async def stream(self, path: str, body: dict[str, Any], *, request_id: str) -> AsyncIterator[ChunkStream]:
+        if "-forced" in request_id:
+            yield _bursts([[_chunk(" 45", "stop")]])
+        elif "-probe" in request_id:
+            self.probes_answered += 1
+            yield _bursts([[_chunk(" 45", "stop")]])
+        else:
+            thinking = [_chunk(f"<think>\n{i}+1={i + 1}\n") for i in range(60)]
+            yield _bursts([thinking, [_chunk("</think>"), _chunk("\n#### 45", "stop")]])
+
+    async def aclose(self) -> None:
+        pass
+
+
+def test_probes_run_between_the_chunks_of_a_backlog_and_can_stop_it() -> None:
+    """A backlog (many chunks in one read, as under load) is walked chunk by chunk with the probes running
+    between them, as between reads: found by CI, where a backlog launched and replaced probes that never ran."""
+    route = RouteConfig(name="arith", upstream_model="tinyreason")
+    stopgate = {"policy": "convergence", "params": {"probe_every": 4, "window": 2}, "budget": 400}
+    request = CompletionRequest(model="arith", prompt="x", temperature=0, stopgate=stopgate)
+
+    async def run() -> tuple[list[dict[str, Any]], Generation]:
+        gen = Generation(_BacklogEngine(), RequestContext("completions", request, route, "rid-backlog"))  # type: ignore[arg-type]
+        return [c async for c in gen.chunks()], gen
+
+    chunks, gen = asyncio.run(run())
+    assert gen.probes is not None and gen.probes.stats.completed >= 2
+    final = chunks[-1]
+    assert final["stopgate"]["stop_reason"] == "converged"
+    assert gen.accounting.thinking < 60  # stopped inside the backlog

@@ -249,6 +249,14 @@ class Generation:
                 while not leave and (batch := await reader.next()):
                     self._in_hand = len(batch)
                     for chunk in batch:
+                        if self._in_hand < len(batch) and self.probes is not None and self.probes.inflight:
+                            # Probes race the main stream: they run between the chunks of a burst, as between
+                            # reads. (Walked in one go, a backlog under load would launch and replace probes
+                            # that never got to run, since a stale one makes way for a new one.)
+                            await asyncio.sleep(0)
+                            if self._stop_event.is_set():
+                                leave = True
+                                break
                         self._in_hand -= 1
                         if not self._meta:
                             self._remember_meta(chunk)
