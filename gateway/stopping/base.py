@@ -41,7 +41,8 @@ class Session(Protocol):
 
     @property
     def more_buffered(self) -> bool:
-        """The next chunk from ``chunks()`` is already in hand (the SSE relay sends a burst in one write)."""
+        """Taking the next chunk from ``chunks()`` (or its end) won't wait on the engine: the SSE stream
+        (``Completion.stream``) sends a burst in one write."""
         ...
 
     def chunks(self) -> AsyncGenerator[dict[str, Any], None]:

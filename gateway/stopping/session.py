@@ -233,7 +233,8 @@ class Generation:
 
     @property
     def more_buffered(self) -> bool:
-        """The engine's next chunk is already in hand: the next one from ``chunks()`` won't wait on it."""
+        """Chunks of the engine's last burst are left (or only the final chunk is): the next one from ``chunks()``
+        won't wait on the engine."""
         return self._in_hand > 0
 
     async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
