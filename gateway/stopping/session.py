@@ -233,8 +233,7 @@ class Generation:
 
     @property
     def more_buffered(self) -> bool:
-        """Chunks of the engine's last burst are left (or only the final chunk is): the next one from ``chunks()``
-        won't wait on the engine."""
+        """Chunks of the engine's last burst (or the final chunk) are left: the next won't wait on the engine."""
         return self._in_hand > 0
 
     async def chunks(self) -> AsyncGenerator[dict[str, Any], None]:
@@ -246,14 +245,12 @@ class Generation:
             observe = self.ctx.request.n == 1 or self.policy is not None
             leave = False  # leaving the block closes the upstream stream: the engine aborts
             try:
-                # A burst at a time (the chunks of one read), walked in a plain loop: see ChunkStream.
                 while not leave and (batch := await reader.next()):
                     self._in_hand = len(batch)
                     for chunk in batch:
                         if self._in_hand < len(batch) and self.probes is not None and self.probes.inflight:
-                            # Probes race the main stream: they run between the chunks of a burst, as between
-                            # reads. (Walked in one go, a backlog under load would launch and replace probes
-                            # that never got to run, since a stale one makes way for a new one.)
+                            # Probes run between the chunks of a burst, as between reads (else a backlog
+                            # launches and replaces probes that never ran: tests/test_stop_races.py).
                             await asyncio.sleep(0)
                             if self._stop_event.is_set():
                                 leave = True
